@@ -1,0 +1,14 @@
+//! tca: a reference harness for TCA-Attention (arXiv 2512.09238).
+//!
+//! Layout: [`reference`] (exact f64 attention), [`selection`] (online core-context
+//! selection and sparse attention), [`calibration`] (offline head-specific budgets),
+//! [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each reading),
+//! [`data`] (inputs), [`config`] (the TOML configuration).
+
+pub mod config;
+pub mod data;
+pub mod error;
+
+pub use config::Config;
+pub use data::Heads;
+pub use error::{Result, TcaError};
