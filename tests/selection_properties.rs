@@ -72,7 +72,7 @@ proptest! {
 
     #[test]
     fn short_sequences_are_exact((heads, mut cfg, budgets) in common::case()) {
-        cfg.window = heads.len() + cfg.window; // L <= w
+        cfg.window += heads.len(); // L <= w
         let sel = select(&heads, &cfg, &budgets).unwrap();
         prop_assert!(sel.heads.iter().all(|h| h.global.is_empty()));
         let exact = attention(&heads);

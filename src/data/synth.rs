@@ -113,7 +113,7 @@ pub fn synth(spec: &SynthSpec) -> Result<Synth> {
     let lf = l as f64;
     let amp = |gap: f64| (gap.max(0.0) * (d as f64).sqrt()).sqrt();
     let mut needles = vec![Vec::new(); kv_heads];
-    for kv in 0..kv_heads {
+    for (kv, needles_kv) in needles.iter_mut().enumerate() {
         let frame = orthonormal_frame(&mut rng, d, 4);
         let (e_s, e_c, e_n, e_r) = (&frame[0], &frame[1], &frame[2], &frame[3]);
         let qh = kv * g..(kv + 1) * g;
@@ -180,7 +180,7 @@ pub fn synth(spec: &SynthSpec) -> Result<Synth> {
                 k.slice_mut(ndarray::s![kv, p, ..]).scaled_add(a, e_n);
             }
             (l - (l / 16).max(1)..l).for_each(|i| add_q(i, e_n, a));
-            needles[kv] = pos;
+            *needles_kv = pos;
         }
     }
     Ok(Synth {
