@@ -16,7 +16,8 @@ proptest! {
             for r in [Reading::Identity, Reading::LinfEntrymax, Reading::L1Induced, Reading::L2Diameter] {
                 prop_assert!(r.holds_at(&a, cfg.tau), "{r:?} fails at {a:?}");
             }
-            prop_assert!(a.gamma >= 0.0 && a.gamma <= 1.0);
+            // gamma is a sum of probabilities: within [0, 1] up to rounding.
+            prop_assert!(a.gamma >= 0.0 && a.gamma <= 1.0 + 1e-12, "gamma = {}", a.gamma);
         }
     }
 

@@ -367,10 +367,21 @@ fn nothing_is_overwritten_without_force() {
 fn reproduce_quick_writes_every_head_type() {
     let f = Fixture::new();
     let out = ok(&["reproduce", "--quick", "--out", &f.s("rep")]);
-    for kind in ["uniform", "bipolar", "terminal", "sink", "retrieval"] {
-        assert!(out.contains(&format!("== {kind} head")), "{out}");
-        for file in ["queries.csv", "summary.json", "profile.json"] {
-            assert!(f.p(&format!("rep/{kind}/{file}")).metadata().unwrap().len() > 0);
+    for crit in ["column", "mass"] {
+        for kind in ["uniform", "bipolar", "terminal", "sink", "retrieval"] {
+            assert!(
+                out.contains(&format!("== {kind} head, criterion {crit}")),
+                "{out}"
+            );
+            for file in ["queries.csv", "summary.json", "profile.json"] {
+                assert!(
+                    f.p(&format!("rep/{crit}/{kind}/{file}"))
+                        .metadata()
+                        .unwrap()
+                        .len()
+                        > 0
+                );
+            }
         }
     }
     assert!(f.p("rep/verdicts.csv").exists());

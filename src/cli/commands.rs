@@ -3,7 +3,7 @@
 use super::report::{verdict_table, write_audit};
 use crate::bound::{audit, summarize, Summary};
 use crate::calibration::{calibrate as calibrate_layer_profile, Profile};
-use crate::config::Config;
+use crate::config::{Config, Criterion};
 use crate::data::{
     load_safetensors, save_safetensors, synth as make_synth, HeadKind, Heads, SaveDtype, SynthSpec,
 };
@@ -287,51 +287,94 @@ fn reproduce_spec(kind: HeadKind, quick: bool) -> SynthSpec {
 }
 
 pub fn reproduce(a: ReproduceArgs) -> Result<()> {
-    let cfg = Config::from_toml_str(SYNTHETIC_CONFIG)?;
-    let mut rows = String::from("kind,reading,holds,violations,worst_ratio,mean_gamma,frac_gamma_above_1_minus_tau,mean_kept_fraction\n");
-    for kind in HeadKind::ALL {
-        let spec = reproduce_spec(kind, a.quick);
-        let heads = make_synth(&spec)?.heads;
-        let prof = calibrate_layer_profile(&heads, &cfg, 0)?;
-        let budgets = prof.budgets(0)?;
-        let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
-        let dir = a.out.join(kind.name());
-        write_audit(&dir, &audits, &summary, true)?;
-        prof.save(&dir.join("profile.json"), true)?;
-        println!(
-            "== {} head: Hq = {}, Hkv = {}, L = {}, d = {}, seed {}; tau = {}, b = {}, w = {}; E[k] per KV head {:?}",
-            kind.name(),
-            spec.q_heads,
-            spec.kv_heads,
-            spec.len,
-            spec.dim,
-            spec.seed,
-            cfg.tau,
-            cfg.block_size,
-            cfg.window,
-            prof.layers[0]
-                .heads
-                .iter()
-                .map(|h| (h.expected_budget * 10.0).round() / 10.0)
-                .collect::<Vec<_>>()
-        );
-        print!("{}", verdict_table(&summary));
-        for (key, r) in &summary.readings {
-            rows.push_str(&format!(
-                "{},{},{},{},{:e},{:e},{},{}\n",
+    let base = Config::from_toml_str(SYNTHETIC_CONFIG)?;
+    let mut rows = String::from("criterion,kind,reading,holds,violations,worst_ratio,mean_gamma,frac_gamma_above_1_minus_tau,mean_kept_fraction,reached_tau\n");
+    let mut overview = String::new();
+    for criterion in [Criterion::Column, Criterion::Mass] {
+        let cfg = Config {
+            criterion,
+            ..base.clone()
+        };
+        let crit = if criterion == Criterion::Column {
+            "column"
+        } else {
+            "mass"
+        };
+        for kind in HeadKind::ALL {
+            let spec = reproduce_spec(kind, a.quick);
+            let heads = make_synth(&spec)?.heads;
+            let prof = calibrate_layer_profile(&heads, &cfg, 0)?;
+            let budgets = prof.budgets(0)?;
+            let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
+            let dir = a.out.join(crit).join(kind.name());
+            write_audit(&dir, &audits, &summary, true)?;
+            prof.save(&dir.join("profile.json"), true)?;
+            let heads_p = &prof.layers[0].heads;
+            let reached = heads_p.iter().filter(|h| h.reached_tau).count();
+            println!(
+                "== {} head, criterion {crit}: Hq = {}, Hkv = {}, L = {}, d = {}, seed {}; tau = {}, b = {}, w = {}; E[k] per KV head {:?}, {reached}/{} reached tau",
                 kind.name(),
-                key,
-                r.holds,
-                r.violations,
-                r.worst_ratio,
+                spec.q_heads,
+                spec.kv_heads,
+                spec.len,
+                spec.dim,
+                spec.seed,
+                cfg.tau,
+                cfg.block_size,
+                cfg.window,
+                heads_p
+                    .iter()
+                    .map(|h| (h.expected_budget * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>(),
+                heads_p.len()
+            );
+            print!("{}", verdict_table(&summary));
+            let fails: Vec<&str> = summary
+                .readings
+                .iter()
+                .filter(|(_, r)| !r.holds)
+                .map(|(k, _)| *k)
+                .collect();
+            overview.push_str(&format!(
+                "{crit:<7} {:<10} {:>9.4} {:>11.3e} {:>13.2}% {:>7}/{}  {}\n",
+                kind.name(),
+                summary.mean_kept_fraction,
                 summary.mean_gamma,
-                summary.frac_gamma_above_1_minus_tau,
-                summary.mean_kept_fraction
+                100.0 * summary.frac_gamma_above_1_minus_tau,
+                reached,
+                heads_p.len(),
+                if fails.is_empty() {
+                    "-".to_string()
+                } else {
+                    fails.join(", ")
+                }
             ));
+            for (key, r) in &summary.readings {
+                rows.push_str(&format!(
+                    "{crit},{},{},{},{},{:e},{:e},{},{},{}\n",
+                    kind.name(),
+                    key,
+                    r.holds,
+                    r.violations,
+                    r.worst_ratio,
+                    summary.mean_gamma,
+                    summary.frac_gamma_above_1_minus_tau,
+                    summary.mean_kept_fraction,
+                    reached
+                ));
+            }
         }
     }
     let path = a.out.join("verdicts.csv");
     crate::data::write_new(&path, rows.as_bytes(), true)?;
-    println!("wrote {} and one folder per head type", path.display());
+    println!("\n== overview (identity, linf_entrymax, l1_induced, l2_diameter are checked too)");
+    println!(
+        "criterion kind       kept_frac  mean_gamma  gamma>1-tau  reached  readings that fail"
+    );
+    print!("{overview}");
+    println!(
+        "wrote {} and one folder per criterion and head type",
+        path.display()
+    );
     Ok(())
 }
