@@ -21,7 +21,7 @@ proptest! {
             prop_assert!(glob.windows(2).all(|w| w[0] < w[1]), "S_G not strictly ascending");
             prop_assert!(glob.iter().all(|&j| j < l.saturating_sub(cfg.window)), "S_G outside [0, L - w)");
             for i in 0..l {
-                let s: Vec<usize> = sel.keys(kv, i).collect();
+                let s: Vec<usize> = sel.kv_keys(kv, i).collect();
                 prop_assert!(s.windows(2).all(|w| w[0] < w[1]), "duplicate or unsorted key at {i}");
                 prop_assert!(s.iter().all(|&j| j <= i), "non-causal key at {i}");
                 let lo = window_start(cfg.window, i);

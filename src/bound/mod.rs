@@ -10,9 +10,10 @@ pub mod readings;
 pub use readings::{summarize, Reading, ReadingSummary, Summary, TOL};
 
 use crate::data::Heads;
-use crate::error::{Result, TcaError};
+use crate::error::Result;
 use crate::reference::causal_row;
-use crate::selection::{sparse_row, Selection};
+use crate::selection::sparse::check_shape;
+use crate::selection::{sparse_row, KeySets};
 use ndarray::{Array1, ArrayView2};
 use rayon::prelude::*;
 
@@ -91,12 +92,8 @@ impl PrefixStats {
 
 /// Audits every (query head, query) of a layer under `sel`: O_i from the full causal row,
 /// O~_i from the sparse path's own softmax over S_i, and the identity's two sides.
-pub fn audit(heads: &Heads, sel: &Selection) -> Result<Vec<QueryAudit>> {
-    if sel.len != heads.len() || sel.heads.len() != heads.num_kv_heads() {
-        return Err(TcaError::Shape(
-            "the selection was made for another input shape".into(),
-        ));
-    }
+pub fn audit(heads: &Heads, sel: &dyn KeySets) -> Result<Vec<QueryAudit>> {
+    check_shape(heads, sel)?;
     let stats: Vec<PrefixStats> = (0..heads.num_kv_heads())
         .map(|kv| PrefixStats::new(heads.v(kv)))
         .collect();
@@ -107,12 +104,18 @@ pub fn audit(heads: &Heads, sel: &Selection) -> Result<Vec<QueryAudit>> {
         .collect())
 }
 
-fn audit_query(heads: &Heads, sel: &Selection, st: &PrefixStats, h: usize, i: usize) -> QueryAudit {
+fn audit_query(
+    heads: &Heads,
+    sel: &dyn KeySets,
+    st: &PrefixStats,
+    h: usize,
+    i: usize,
+) -> QueryAudit {
     let kv = heads.kv_of(h);
     let v = heads.v(kv);
     let (p, _) = causal_row(heads, h, i);
     let mut kept_mask = vec![false; i + 1];
-    sel.keys(kv, i).for_each(|j| kept_mask[j] = true);
+    sel.keys(h, i).into_iter().for_each(|j| kept_mask[j] = true);
     let d = heads.dim();
     let (mut sum_in, mut sum_out) = (Array1::<f64>::zeros(d), Array1::<f64>::zeros(d));
     let (mut gamma, mut kept_mass) = (0.0, 0.0);
