@@ -6,7 +6,7 @@ mod common;
 use proptest::prelude::*;
 use tca::bound::{audit, Reading};
 use tca::selection::policies::{keeps_window, key_sets, Policy};
-use tca::selection::{select, KeySets};
+use tca::selection::select;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
