@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod decode;
 pub mod error;
+pub mod experiments;
 pub mod reference;
 pub mod selection;
 

@@ -37,6 +37,19 @@ pub struct QueryAudit {
     pub vdiam_l2: f64,
     /// ||e_i - gamma_i (mu_out - mu_in)||_inf.
     pub identity_residual: f64,
+    /// ||O_i||_2 of the exact output (for relative errors).
+    pub out_l2: f64,
+}
+
+impl QueryAudit {
+    /// ||e_i||_2 / ||O_i||_2 (0 when both vanish).
+    pub fn rel_err(&self) -> f64 {
+        if self.out_l2 > 0.0 {
+            self.err_l2 / self.out_l2
+        } else {
+            self.err_l2
+        }
+    }
 }
 
 /// Per-position prefix statistics of one KV head's V: max |entry|, max row l1 norm and
@@ -147,5 +160,6 @@ fn audit_query(
         vrow_l1_max: st.max_row_l1[i],
         vdiam_l2: st.diam_l2[i],
         identity_residual,
+        out_l2: o.dot(&o).sqrt(),
     }
 }

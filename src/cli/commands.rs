@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The configuration of the main job, embedded in the binary.
-pub const SYNTHETIC_CONFIG: &str = include_str!("../../configs/synthetic.toml");
+pub use crate::experiments::BASE_CONFIG as SYNTHETIC_CONFIG;
 
 /// Where the Q/K/V come from and under which configuration.
 #[derive(Args, Debug, Clone)]
@@ -111,12 +111,21 @@ pub struct DecodeArgs {
 
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
-    /// Output folder; reproduce owns it and replaces the files it wrote before.
+    /// Folder for the verdict tables; reproduce owns it and replaces what it wrote before.
     #[arg(long, default_value = "results/reproduce")]
     pub out: PathBuf,
+    /// Folder for the figures (default figures/, or figures/quick with --quick).
+    #[arg(long)]
+    pub figures: Option<PathBuf>,
     /// Smaller shapes, for a run of seconds.
     #[arg(long)]
     pub quick: bool,
+    /// Real layers captured from a model (tensors layer{N}.q/k/v) for the figures.
+    #[arg(long)]
+    pub capture: Option<PathBuf>,
+    /// Only the verdict tables, no figures.
+    #[arg(long)]
+    pub no_figures: bool,
 }
 
 /// The budgets of a layer: from a profile checked against the input, else calibrated
@@ -268,24 +277,6 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Shape of the main job's synthetic layers: SmolLM2's attention (9 query heads, 3 KV
-/// heads, d = 64) at 2K tokens, or a small one with `--quick`.
-fn reproduce_spec(kind: HeadKind, quick: bool) -> SynthSpec {
-    let (q_heads, kv_heads, len, dim) = if quick {
-        (4, 2, 512, 32)
-    } else {
-        (9, 3, 2048, 64)
-    };
-    SynthSpec {
-        kind,
-        q_heads,
-        kv_heads,
-        len,
-        dim,
-        seed: 2512_09238 + kind as u64,
-    }
-}
-
 pub fn reproduce(a: ReproduceArgs) -> Result<()> {
     let base = Config::from_toml_str(SYNTHETIC_CONFIG)?;
     let mut rows = String::from("criterion,kind,reading,holds,violations,worst_ratio,mean_gamma,frac_gamma_above_1_minus_tau,mean_kept_fraction,reached_tau\n");
@@ -301,7 +292,7 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
             "mass"
         };
         for kind in HeadKind::ALL {
-            let spec = reproduce_spec(kind, a.quick);
+            let spec = crate::experiments::synthetic_spec(kind, a.quick);
             let heads = make_synth(&spec)?.heads;
             let prof = calibrate_layer_profile(&heads, &cfg, 0)?;
             let budgets = prof.budgets(0)?;
@@ -367,6 +358,17 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
     }
     let path = a.out.join("verdicts.csv");
     crate::data::write_new(&path, rows.as_bytes(), true)?;
+    if !a.no_figures {
+        let exp = crate::experiments::ExperimentArgs {
+            out: a.figures.clone(),
+            quick: a.quick,
+            capture: a.capture.clone(),
+            model: "SmolLM2-135M".into(),
+        };
+        let ctx = exp.context()?;
+        let files = crate::experiments::run_all(&ctx)?;
+        println!("wrote {} figure and table files to {}", files.len(), ctx.out.display());
+    }
     println!("\n== overview (identity, linf_entrymax, l1_induced, l2_diameter are checked too)");
     println!(
         "criterion kind       kept_frac  mean_gamma  gamma>1-tau  reached  readings that fail"
