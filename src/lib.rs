@@ -5,9 +5,11 @@
 //! [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each reading),
 //! [`data`] (inputs), [`config`] (the TOML configuration).
 
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod model;
 
 pub use config::Config;
 pub use data::Heads;
