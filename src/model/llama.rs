@@ -273,6 +273,23 @@ pub fn linear(x: ArrayView2<f32>, w: &Array2<f32>) -> Array2<f32> {
         chunks.into_par_iter().for_each(|(mut yc, xc)| {
             general_mat_mul(1.0, &xc, &w.t(), 0.0, &mut yc);
         });
+    } else if n <= 4 {
+        // Decoding: matrix-vector products over contiguous weight rows (packing the
+        // weights for a GEMM would copy all of them for one row of output).
+        let cols = out.div_ceil(threads * 4).max(64);
+        let mut yt = Array2::<f32>::zeros((out, n));
+        let chunks: Vec<(ArrayViewMut2<f32>, ArrayView2<f32>)> = yt
+            .axis_chunks_iter_mut(Axis(0), cols)
+            .zip(w.axis_chunks_iter(Axis(0), cols))
+            .collect();
+        chunks.into_par_iter().for_each(|(mut yc, wc)| {
+            for (mut yrow, wrow) in yc.axis_iter_mut(Axis(0)).zip(wc.axis_iter(Axis(0))) {
+                for (yv, xrow) in yrow.iter_mut().zip(x.axis_iter(Axis(0))) {
+                    *yv = wrow.dot(&xrow);
+                }
+            }
+        });
+        y.assign(&yt.t());
     } else {
         let cols = out.div_ceil(threads * 4).max(64);
         let chunks: Vec<(ArrayViewMut2<f32>, ArrayView2<f32>)> = y
