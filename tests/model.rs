@@ -246,6 +246,26 @@ fn layer_lists_parse() {
 // The real model
 
 #[test]
+fn haystack_essays_are_available() {
+    let _ = need_model!();
+    let hay = assets::haystack(None).expect("scripts/fetch-assets unpacks the essays");
+    assert!(hay.len() > 500_000, "{} bytes", hay.len());
+    assert!(assets::haystack(Some(std::path::Path::new("/nonexistent"))).is_err());
+}
+
+#[test]
+fn generation_rejects_too_long_requests() {
+    let m = need_model!();
+    let e = m
+        .llama
+        .generate_greedy(&[1, 2, 3], usize::MAX, &Exact::default(), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("context"), "{e}");
+    assert!(m.llama.prefill(&[], &Exact::default()).is_err());
+    assert!(m.llama.prefill(&[49152], &Exact::default()).is_err());
+}
+
+#[test]
 fn model_config_is_smollm2_135m() {
     let m = need_model!();
     let c = &m.llama.config;

@@ -458,7 +458,7 @@ impl Llama {
         if tokens.is_empty() {
             return Err(TcaError::Invalid("no tokens to run".into()));
         }
-        let n = tokens.len() + extra;
+        let n = tokens.len().saturating_add(extra);
         if n > self.config.context {
             return Err(TcaError::Invalid(format!(
                 "{n} tokens exceed the model's context of {}",
@@ -754,6 +754,7 @@ impl Llama {
         eos: Option<u32>,
     ) -> Result<Vec<u32>> {
         self.check_tokens(prompt, max_new.saturating_sub(1))?;
+        // check_tokens bounds prompt.len() + max_new - 1 by the context.
         let mut cache = KvCache::new(&self.config, prompt.len() + max_new);
         let mut logits = self.prefill_cache(prompt, policy, &mut cache)?;
         let mut out = Vec::with_capacity(max_new);
