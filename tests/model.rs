@@ -486,7 +486,11 @@ fn capture_round_trips_through_safetensors() {
         assert_eq!(tensor(&st, &format!("layer{l}.k")), c.k);
         assert_eq!(tensor(&st, &format!("layer{l}.v")), c.v);
     }
-    assert!(cap.captured[&0].q.iter().all(|x| x.is_finite()));
+    let heads = cap.captured[&0].to_heads().unwrap();
+    assert_eq!(
+        (heads.num_q_heads(), heads.num_kv_heads(), heads.len()),
+        (9, 3, 24)
+    );
 
     // No overwrite without --force; with it, a single layer also gets plain q/k/v.
     let e = run_capture(args.clone()).unwrap_err();

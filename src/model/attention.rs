@@ -12,6 +12,9 @@
 //! - position `i` may attend to keys `j <= i` (causal), scores are `q_i . k_j / sqrt(d)`;
 //! - the returned array is `[Hq, L, d]`: `O_i = sum_j softmax_j(scores) v_j`.
 //!
+//! A policy built on the f64 reference code can convert its inputs with [`to_heads`]
+//! and its output with [`to_f32`].
+//!
 //! The Q and K given to a policy are in the GGUF's row order: llama.cpp's converter
 //! permutes the rows of `attn_q`/`attn_k` so that RoPE rotates adjacent pairs
 //! `(2i, 2i+1)`. This permutes the coordinates of every query and key of a head the
@@ -20,6 +23,7 @@
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
+use crate::data::Heads;
 use crate::error::{Result, TcaError};
 
 /// Attention used during prefill. Implementations must be `Sync`: the model may call
@@ -34,6 +38,19 @@ pub trait AttentionPolicy: Sync {
         k: ArrayView3<f32>,
         v: ArrayView3<f32>,
     ) -> Result<Array3<f32>>;
+}
+
+/// The f64 [`Heads`] of a policy's f32 inputs (validated: shapes, finite values), for
+/// policies built on the f64 reference code. Convert the f64 output back with
+/// [`to_f32`].
+pub fn to_heads(q: ArrayView3<f32>, k: ArrayView3<f32>, v: ArrayView3<f32>) -> Result<Heads> {
+    let f = |a: ArrayView3<f32>| a.mapv(f64::from);
+    Heads::new(f(q), f(k), f(v))
+}
+
+/// An f64 attention output as the f32 array a policy returns.
+pub fn to_f32(o: ArrayView3<f64>) -> Array3<f32> {
+    o.mapv(|x| x as f32)
 }
 
 /// Exact causal softmax attention in f32, blocked over queries and parallel over
@@ -281,6 +298,21 @@ mod tests {
         assert_eq!(exp_nonpos(0.0), 1.0);
         assert_eq!(exp_nonpos(-100.0), 0.0);
         assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn f64_round_trip_through_heads() {
+        let q = pseudo((6, 5, 4), 4, 2.0);
+        let k = pseudo((2, 5, 4), 5, 2.0);
+        let h = to_heads(q.view(), k.view(), k.view()).unwrap();
+        assert_eq!(
+            (h.num_q_heads(), h.num_kv_heads(), h.len(), h.dim()),
+            (6, 2, 5, 4)
+        );
+        assert_eq!(to_f32(h.tensors().0.view()), q);
+        let mut bad = q.clone();
+        bad[[1, 2, 3]] = f32::NAN;
+        assert!(to_heads(bad.view(), k.view(), k.view()).is_err());
     }
 
     #[test]

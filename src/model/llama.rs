@@ -112,6 +112,13 @@ pub struct Qkv {
     pub v: Array3<f32>,
 }
 
+impl Qkv {
+    /// The validated f64 [`crate::Heads`] of this layer, for the reference code.
+    pub fn to_heads(&self) -> Result<crate::Heads> {
+        super::attention::to_heads(self.q.view(), self.k.view(), self.v.view())
+    }
+}
+
 /// A [`QkvHook`] keeping the Q, K, V of chosen layers.
 #[derive(Debug, Default)]
 pub struct Capture {
