@@ -60,6 +60,11 @@ fn f16_bytes(x: f32) -> [u8; 2] {
 
 /// A minimal GGUF v3 file: two metadata entries and the given tensors.
 fn synthetic_gguf(tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
+    synthetic_gguf_parts(tensors).0
+}
+
+/// The file and the length of its header before the padding to the data section.
+fn synthetic_gguf_parts(tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> (Vec<u8>, usize) {
     let mut b = Vec::new();
     let s = |b: &mut Vec<u8>, s: &str| {
         b.extend_from_slice(&(s.len() as u64).to_le_bytes());
@@ -92,6 +97,7 @@ fn synthetic_gguf(tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
         offsets.push(offset);
         offset += (data.len() as u64).div_ceil(32) * 32;
     }
+    let header_len = b.len();
     while b.len() % 32 != 0 {
         b.push(0);
     }
@@ -100,7 +106,7 @@ fn synthetic_gguf(tensors: &[(&str, Vec<u64>, u32, Vec<u8>)]) -> Vec<u8> {
         b.resize(start + off as usize, 0);
         b.extend_from_slice(data);
     }
-    b
+    (b, header_len)
 }
 
 // ---------------------------------------------------------------------------------
@@ -222,6 +228,12 @@ fn gguf_rejects_bad_files() {
     let mut bad = good.clone();
     bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // metadata count
     assert!(GgufFile::parse(bad, "x").is_err());
+    // An empty tensor in a file that ends before the data section's padding.
+    let (mut empty, header_len) = synthetic_gguf_parts(&[("e", vec![0], 0, vec![])]);
+    assert_ne!(header_len % 32, 0);
+    empty.truncate(header_len);
+    let g = GgufFile::parse(empty, "x").unwrap();
+    assert!(g.tensor_f32("e").is_err());
     // A tensor of a type that cannot be dequantised is readable as metadata only.
     let q4k = synthetic_gguf(&[("k", vec![256], 12, vec![0u8; 144])]);
     let g = GgufFile::parse(q4k, "x").unwrap();

@@ -143,6 +143,8 @@ pub struct GgufFile {
 }
 
 const MAX_DIMS: u32 = 8;
+/// Longest metadata array accepted (the largest real ones are vocabularies of ~10^5).
+const MAX_ARRAY_LEN: usize = 1 << 24;
 
 struct Reader<'a> {
     buf: &'a [u8],
@@ -218,8 +220,19 @@ impl<'a> Reader<'a> {
                     return Err(self.err("arrays nested too deep"));
                 }
                 let elem = self.u32()?;
-                // Every element takes at least one byte: bounds the allocation.
                 let n = self.len("array")?;
+                // Bound the allocation by what the rest of the file can hold.
+                let min_size = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    t => return Err(self.err(format!("unknown array element type {t}"))),
+                };
+                if n > MAX_ARRAY_LEN || n.saturating_mul(min_size) > self.buf.len() - self.pos {
+                    return Err(self.err(format!("array of {n} elements exceeds the file")));
+                }
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(elem, depth + 1)?);
@@ -415,9 +428,12 @@ impl GgufFile {
                 t.name, t.ty
             )));
         }
-        let start = self.data_start + t.offset;
-        // Checked at parse time.
-        Ok(&self.bytes[start..start + t.n_bytes])
+        // The range was checked at parse time; `get` keeps even an empty tensor at the
+        // very end of a file without padding from panicking.
+        self.data_start
+            .checked_add(t.offset)
+            .and_then(|start| self.bytes.get(start..start.checked_add(t.n_bytes)?))
+            .ok_or_else(|| self.err(format!("tensor {} lies outside the file", t.name)))
     }
 
     /// A tensor dequantised to f32, with its dims in GGUF order (fastest first).
