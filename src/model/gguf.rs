@@ -291,7 +291,7 @@ impl GgufFile {
             Some(v) => v
                 .as_u64()
                 .and_then(|a| usize::try_from(a).ok())
-                .filter(|a| a.is_power_of_two())
+                .filter(|a| a.is_power_of_two() && *a <= 1 << 20)
                 .ok_or_else(|| r.err(format!("bad general.alignment {v:?}")))?,
         };
 
