@@ -156,28 +156,26 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
         load_inputs(args.model.as_deref(), args.text.as_deref(), args.tokens)?;
     let layers = parse_layers(&args.layers, model.llama.config.n_layers)?;
     let t1 = Instant::now();
-    let cap = model.llama.capture(&tokens, &layers)?;
+    let mut cap = model.llama.capture(&tokens, &layers)?;
     let t2 = Instant::now();
 
+    // Little-endian f32 bytes of each tensor, made once (the captured arrays are
+    // dropped as they are converted); a single layer's plain q/k/v share the bytes.
     let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, a: &ndarray::Array3<f32>| {
-        let bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
-        bufs.push((name, a.shape().to_vec(), bytes));
-    };
-    for (&l, c) in &cap.captured {
-        push(format!("layer{l}.q"), &c.q);
-        push(format!("layer{l}.k"), &c.k);
-        push(format!("layer{l}.v"), &c.v);
-        if layers.len() == 1 {
-            push("q".into(), &c.q);
-            push("k".into(), &c.k);
-            push("v".into(), &c.v);
+    for (l, c) in std::mem::take(&mut cap.captured) {
+        for (part, a) in [("q", c.q), ("k", c.k), ("v", c.v)] {
+            let bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+            bufs.push((format!("layer{l}.{part}"), a.shape().to_vec(), bytes));
         }
     }
-    let mut views = Vec::with_capacity(bufs.len());
+    let mut views = Vec::with_capacity(bufs.len() + 3);
     for (name, shape, bytes) in &bufs {
         let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
             .map_err(|e| TcaError::Shape(format!("tensor {name}: {e}")))?;
+        if layers.len() == 1 {
+            let plain = name.rsplit('.').next().unwrap_or(name).to_string();
+            views.push((plain, view.clone()));
+        }
         views.push((name.clone(), view));
     }
     let layer_list = format_layers(&layers);
