@@ -171,7 +171,9 @@ pub fn decode(
     }
     let prefix = heads.prefix(prefill_len)?;
     let sel = select(&prefix, cfg, budgets)?;
-    let per_head: Vec<(HeadCacheReport, Vec<(f64, f64)>, f64)> = (0..heads.num_kv_heads())
+    // Per KV head: its report, (gamma, rel. error) per step and query head, seconds.
+    type HeadRun = (HeadCacheReport, Vec<(f64, f64)>, f64);
+    let per_head: Vec<HeadRun> = (0..heads.num_kv_heads())
         .into_par_iter()
         .map(|kv| {
             let (k, v) = (heads.k(kv), heads.v(kv));
@@ -200,7 +202,11 @@ pub fn decode(
                     .q_heads_of(kv)
                     .map(|h| cache.attend(heads.q(h).row(t), heads.scale()))
                     .collect();
-                let probs = pool(outs.iter().map(|o| o.0.clone()), heads.group(), cfg.gqa_reduce);
+                let probs = pool(
+                    outs.iter().map(|o| o.0.clone()),
+                    heads.group(),
+                    cfg.gqa_reduce,
+                );
                 in_cache += start.elapsed();
                 peak = peak.max(cache.len());
                 let pos: Vec<usize> = cache.positions().collect();

@@ -13,6 +13,7 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod experiments;
+pub mod model;
 pub mod reference;
 pub mod selection;
 

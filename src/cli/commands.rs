@@ -367,7 +367,11 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
         };
         let ctx = exp.context()?;
         let files = crate::experiments::run_all(&ctx)?;
-        println!("wrote {} figure and table files to {}", files.len(), ctx.out.display());
+        println!(
+            "wrote {} figure and table files to {}",
+            files.len(),
+            ctx.out.display()
+        );
     }
     println!("\n== overview (identity, linf_entrymax, l1_induced, l2_diameter are checked too)");
     println!(

@@ -2,7 +2,9 @@
 //! drawn, so the literal reading's violations stand above the line), the distribution
 //! of gamma against 1 - tau, and the per-head calibrated budgets.
 
-use super::plot::{color, de, font, heatmap_panel, line_panel, render, DrawResult, Figure, Series};
+use super::plot::{
+    color, de, font, heatmap_panel, line_panel, render, Axes, DrawResult, Figure, Series,
+};
 use super::table::write;
 use super::{config_label, Context, Evaluation, Layer};
 use crate::bound::{QueryAudit, Reading};
@@ -68,7 +70,10 @@ impl Figure for Scatter<'_> {
             let (lo, hi) = (lo / 2.0, hi * 2.0);
             let mut chart = ChartBuilder::on(area)
                 .caption(
-                    format!("{}: {violations} of {total} queries above y = x", r.statement()),
+                    format!(
+                        "{}: {violations} of {total} queries above y = x",
+                        r.statement()
+                    ),
                     font(14),
                 )
                 .margin(8)
@@ -89,17 +94,23 @@ impl Figure for Scatter<'_> {
                 chart
                     .draw_series(subsample(&e.audits).into_iter().filter_map(|a| {
                         let (b, err) = sides(r, a, self.tau);
-                        (b > 0.0 && err > 0.0).then(|| Circle::new((b, err), 2, c.mix(0.6).filled()))
+                        (b > 0.0 && err > 0.0)
+                            .then(|| Circle::new((b, err), 2, c.mix(0.6).filled()))
                     }))
                     .map_err(de)?
                     .label(l.label.clone())
                     .legend(move |(x, y)| Circle::new((x + 6, y), 4, c.filled()));
             }
             chart
-                .draw_series(LineSeries::new(vec![(lo, lo), (hi, hi)], BLACK.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    vec![(lo, lo), (hi, hi)],
+                    BLACK.stroke_width(2),
+                ))
                 .map_err(de)?
                 .label("y = x")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+                .legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2))
+                });
             chart
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.85))
@@ -136,16 +147,22 @@ impl Figure for GammaCdf {
             "omitted softmax mass gamma_i (log scale)",
             "fraction of queries with gamma <= x",
             &s,
-            true,
-            false,
-            Some((0.0, 1.02)),
+            &Axes {
+                logx: true,
+                ylim: Some((0.0, 1.02)),
+                legend: Some(SeriesLabelPosition::UpperLeft),
+                ..Axes::default()
+            },
         )
     }
 }
 
+/// (title, row labels, column labels, values by row).
+type HeatPanel = (String, Vec<String>, Vec<String>, Vec<Vec<f64>>);
+
 struct Budgets {
     title: String,
-    panels: Vec<(String, Vec<String>, Vec<String>, Vec<Vec<f64>>)>,
+    panels: Vec<HeatPanel>,
     max: f64,
 }
 
@@ -156,7 +173,11 @@ impl Figure for Budgets {
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let root = root.titled(&self.title, font(16)).map_err(de)?;
-        for (area, (t, rows, cols, v)) in root.split_evenly((1, self.panels.len())).iter().zip(&self.panels) {
+        for (area, (t, rows, cols, v)) in root
+            .split_evenly((1, self.panels.len()))
+            .iter()
+            .zip(&self.panels)
+        {
             heatmap_panel(area, t, rows, cols, v, (0.0, self.max))?;
         }
         Ok(())
@@ -191,7 +212,8 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
         "bound" => bound, "error" => err)
     .map_err(super::table::pe(&stem))?;
     files.extend(write(&stem, &mut df)?);
-    let (mut lab, mut key, mut holds, mut viol, mut worst) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut lab, mut key, mut holds, mut viol, mut worst) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for (l, e) in &pairs {
         for (k, r) in &e.summary.readings {
             lab.push(l.describe());
@@ -206,11 +228,18 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
         "worst_ratio" => worst)
     .map_err(super::table::pe(&sstem))?;
     files.extend(write(&sstem, &mut df)?);
-    let src = if ctx.real.is_empty() { "synthetic heads".to_string() } else { format!("synthetic heads and {}", ctx.real[0].source) };
+    let src = if ctx.real.is_empty() {
+        "synthetic heads".to_string()
+    } else {
+        format!("synthetic heads and {}", ctx.real[0].source)
+    };
     files.extend(render(
         &stem,
         &Scatter {
-            title: format!("Theorem 1 readings on {src}: observed error vs bound per query ({})", config_label(cfg)),
+            title: format!(
+                "Theorem 1 readings on {src}: observed error vs bound per query ({})",
+                config_label(cfg)
+            ),
             layers: pairs.clone(),
             tau: cfg.tau,
         },
@@ -219,7 +248,8 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     // Gamma distribution.
     let stem = ctx.stem("gamma_distribution");
     let mut series = Vec::new();
-    let (mut lab, mut q50, mut q90, mut q99, mut gmax, mut above) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut lab, mut q50, mut q90, mut q99, mut gmax, mut above) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (l, e) in &pairs {
         let mut g: Vec<f64> = e.audits.iter().map(|a| a.gamma.max(1e-12)).collect();
         g.sort_by(f64::total_cmp);
@@ -235,7 +265,11 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             let stride = n.div_ceil(400).max(1);
             series.push(Series {
                 name: l.label.clone(),
-                points: (0..n).step_by(stride).chain(std::iter::once(n - 1)).map(|i| (g[i], (i + 1) as f64 / n as f64)).collect(),
+                points: (0..n)
+                    .step_by(stride)
+                    .chain(std::iter::once(n - 1))
+                    .map(|i| (g[i], (i + 1) as f64 / n as f64))
+                    .collect(),
                 dashed: false,
             });
         }
@@ -259,16 +293,29 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut panels = Vec::new();
     for (group, name) in [(true, "synthetic"), (false, "real")] {
-        let sel: Vec<&(&Layer, &Evaluation)> = pairs.iter().filter(|(l, _)| l.kind.is_some() == group).collect();
+        let sel: Vec<&(&Layer, &Evaluation)> = pairs
+            .iter()
+            .filter(|(l, _)| l.kind.is_some() == group)
+            .collect();
         if sel.is_empty() {
             continue;
         }
         let rows: Vec<String> = sel.iter().map(|(l, _)| l.label.clone()).collect();
-        let nkv = sel.iter().map(|(l, _)| l.heads.num_kv_heads()).max().unwrap_or(1);
+        let nkv = sel
+            .iter()
+            .map(|(l, _)| l.heads.num_kv_heads())
+            .max()
+            .unwrap_or(1);
         let cols: Vec<String> = (0..nkv).map(|k| format!("kv {k}")).collect();
         let vals: Vec<Vec<f64>> = sel
             .iter()
-            .map(|(_, e)| e.profile.layers[0].heads.iter().map(|h| h.expected_budget).collect())
+            .map(|(_, e)| {
+                e.profile.layers[0]
+                    .heads
+                    .iter()
+                    .map(|h| h.expected_budget)
+                    .collect()
+            })
             .collect();
         for (l, e) in &sel {
             for h in &e.profile.layers[0].heads {
@@ -281,7 +328,12 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                 reached.push(h.reached_tau);
             }
         }
-        panels.push((format!("{name}: E_p[k] per block (b = {})", cfg.block_size), rows, cols, vals));
+        panels.push((
+            format!("{name}: E_p[k] per block (b = {})", cfg.block_size),
+            rows,
+            cols,
+            vals,
+        ));
     }
     let mut df = df!("source" => src_c, "layer" => lab, "kv_head" => kvh, "m" => m,
         "expected_budget" => ek, "retained" => ret, "reached_tau" => reached)

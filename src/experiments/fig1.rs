@@ -9,7 +9,7 @@
 //! terminal-biased: max recent - sink; bipolar: max min(sink, recent); uniform: max
 //! entropy. A head is picked for one type at most.
 
-use super::plot::{de, font, line_panel, render, DrawResult, Figure, Series};
+use super::plot::{de, font, line_panel, render, Axes, DrawResult, Figure, Series};
 use super::table::write;
 use super::{progress, Context, Layer};
 use crate::data::Heads;
@@ -42,7 +42,10 @@ pub struct HeadView {
 /// Row statistics of query head h: c_j and the pairs above the row mean.
 pub fn head_view(heads: &Heads, h: usize) -> (Vec<f64>, Vec<(usize, usize, f64)>, usize) {
     let l = heads.len();
-    let rows: Vec<Vec<f64>> = (0..l).into_par_iter().map(|i| causal_row(heads, h, i).0).collect();
+    let rows: Vec<Vec<f64>> = (0..l)
+        .into_par_iter()
+        .map(|i| causal_row(heads, h, i).0)
+        .collect();
     let mut col = vec![0.0; l];
     let mut above = Vec::new();
     for (i, p) in rows.iter().enumerate() {
@@ -53,7 +56,11 @@ pub fn head_view(heads: &Heads, h: usize) -> (Vec<f64>, Vec<(usize, usize, f64)>
             }
         }
     }
-    let mean: Vec<f64> = col.iter().enumerate().map(|(j, s)| s / (l - j) as f64).collect();
+    let mean: Vec<f64> = col
+        .iter()
+        .enumerate()
+        .map(|(j, s)| s / (l - j) as f64)
+        .collect();
     let total = above.len();
     let stride = total.div_ceil(MAX_POINTS).max(1);
     let points = above.into_iter().step_by(stride).collect();
@@ -71,13 +78,26 @@ pub fn type_scores(heads: &Heads, h: usize) -> (f64, f64, f64) {
             let p = causal_row(heads, h, i).0;
             let sink: f64 = p[..4.min(i + 1)].iter().sum();
             let recent: f64 = p[(i + 1).saturating_sub(32)..].iter().sum();
-            let ent: f64 = -p.iter().filter(|x| **x > 0.0).map(|x| x * x.ln()).sum::<f64>();
-            (sink, recent, if i > 0 { ent / ((i + 1) as f64).ln() } else { 1.0 })
+            let ent: f64 = -p
+                .iter()
+                .filter(|x| **x > 0.0)
+                .map(|x| x * x.ln())
+                .sum::<f64>();
+            (
+                sink,
+                recent,
+                if i > 0 {
+                    ent / ((i + 1) as f64).ln()
+                } else {
+                    1.0
+                },
+            )
         })
         .collect();
     let n = per.len().max(1) as f64;
-    per.iter()
-        .fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0 / n, a.1 + b.1 / n, a.2 + b.2 / n))
+    per.iter().fold((0.0, 0.0, 0.0), |a, b| {
+        (a.0 + b.0 / n, a.1 + b.1 / n, a.2 + b.2 / n)
+    })
 }
 
 /// Picks (layer index into `layers`, query head) for sink, terminal, bipolar, uniform.
@@ -96,7 +116,8 @@ pub fn pick_real_heads(layers: &[Layer]) -> Vec<(&'static str, usize, usize)> {
         })
         .collect();
     pb.finish_and_clear();
-    let rules: [(&'static str, fn(&(f64, f64, f64)) -> f64); 4] = [
+    type Rule = (&'static str, fn(&(f64, f64, f64)) -> f64);
+    let rules: [Rule; 4] = [
         ("attention sink", |s| s.0 - s.1),
         ("terminal-biased", |s| s.1 - s.0),
         ("bipolar", |s| s.0.min(s.1)),
@@ -146,9 +167,10 @@ impl Figure for Fig1 {
                     points: pts,
                     dashed: false,
                 }],
-                false,
-                true,
-                None,
+                &Axes {
+                    logy: true,
+                    ..Axes::default()
+                },
             )?;
             scatter(&panels[cols + c], v)?;
         }
@@ -160,7 +182,11 @@ fn scatter<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, v: &HeadView) -> D
     let l = v.mean_attention.len() as f64;
     let mut chart = ChartBuilder::on(area)
         .caption(
-            format!("P_ij > 1/(i+1): {} pairs ({} drawn)", v.points_total, v.points.len()),
+            format!(
+                "P_ij > 1/(i+1): {} pairs ({} drawn)",
+                v.points_total,
+                v.points.len()
+            ),
             font(13),
         )
         .margin(8)
@@ -170,6 +196,11 @@ fn scatter<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, v: &HeadView) -> D
         .map_err(de)?;
     chart
         .configure_mesh()
+        .x_labels(6)
+        .y_labels(6)
+        .x_label_formatter(&|v| super::plot::fmt_num(v))
+        .y_label_formatter(&|v| super::plot::fmt_num(v))
+        .light_line_style(WHITE.mix(0.0))
         .x_desc("key position j")
         .y_desc("query position i")
         .label_style(font(12))
@@ -178,17 +209,31 @@ fn scatter<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, v: &HeadView) -> D
         .map_err(de)?;
     chart
         .draw_series(
-            v.points
-                .iter()
-                .map(|&(i, j, _)| Circle::new((j as f64, i as f64), 1, super::plot::color(0).filled())),
+            v.points.iter().map(|&(i, j, _)| {
+                Circle::new((j as f64, i as f64), 1, super::plot::color(0).filled())
+            }),
         )
         .map_err(de)?;
     Ok(())
 }
 
 fn views_table(views: &[HeadView]) -> PolarsResult<(DataFrame, DataFrame)> {
-    let mut m = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut p = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut m = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut p = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for v in views {
         for (j, &x) in v.mean_attention.iter().enumerate() {
             m.0.push(v.source.clone());
@@ -220,7 +265,12 @@ fn views_table(views: &[HeadView]) -> PolarsResult<(DataFrame, DataFrame)> {
     Ok((mean, points))
 }
 
-fn write_figure(ctx: &Context, name: &str, title: String, views: Vec<HeadView>) -> Result<Vec<PathBuf>> {
+fn write_figure(
+    ctx: &Context,
+    name: &str,
+    title: String,
+    views: Vec<HeadView>,
+) -> Result<Vec<PathBuf>> {
     let stem = ctx.stem(name);
     let (mut mean, mut points) = views_table(&views).map_err(super::table::pe(&stem))?;
     let mut files = render(&stem, &Fig1 { title, views })?;

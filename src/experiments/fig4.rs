@@ -4,7 +4,10 @@
 //! last steps, as a fraction of the full cache, and the measured CPU decode time per
 //! token (one thread, all KV heads; the dense cache's time drawn for reference).
 
-use super::plot::{de, font, line_panel, render, DrawResult, Figure, Series};
+use super::plot::{de, font, line_panel, render, Axes, DrawResult, Figure, Series};
+
+/// Log axes draw values below this at it (said in the titles).
+const FLOOR: f64 = 1e-8;
 use super::sweep::{self, Point};
 use super::table::write;
 use super::{config_label, Context};
@@ -26,9 +29,20 @@ impl Figure for Fig4 {
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let root = root.titled(&self.title, font(17)).map_err(de)?;
-        for (area, (t, x, y, logy, s)) in root.split_evenly((3, 4)).iter().zip(&self.panels) {
-            let logx = x.starts_with("block") || x.starts_with("window");
-            line_panel(area, t, x, y, s, logx, *logy, None)?;
+        for (n, (area, (t, x, y, logy, s))) in root
+            .split_evenly((3, 4))
+            .iter()
+            .zip(&self.panels)
+            .enumerate()
+        {
+            let axes = Axes {
+                logx: x.starts_with("block") || x.starts_with("window"),
+                logy: *logy,
+                floor: Some(FLOOR),
+                legend: (n % 4 == 0).then_some(SeriesLabelPosition::LowerLeft),
+                ..Axes::default()
+            };
+            line_panel(area, t, x, y, s, &axes)?;
         }
         Ok(())
     }
@@ -72,7 +86,11 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
         .into_iter()
         .flat_map(|(p, vals)| {
             let base = ctx.base.clone();
-            vals.into_iter().map(move |v| Point { param: p, value: v, config: with(&base, p, v) })
+            vals.into_iter().map(move |v| Point {
+                param: p,
+                value: v,
+                config: with(&base, p, v),
+            })
         })
         .collect();
     let layers = ctx.sweep_layers();
@@ -94,15 +112,29 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let mut panels = Vec::new();
     for (metric, ylabel, logy, who) in [
         ("rel_err", "relative output error", true, &names),
-        ("kv_fraction", "KV tokens held / full cache", false, &vec![mean.clone()]),
-        ("ms_per_token", "decode ms per token (CPU)", false, &vec![mean.clone()]),
+        (
+            "kv_fraction",
+            "KV tokens held / full cache",
+            false,
+            &vec![mean.clone()],
+        ),
+        (
+            "ms_per_token",
+            "decode ms per token (CPU)",
+            false,
+            &vec![mean.clone()],
+        ),
     ] {
         for (p, _) in grid(ctx.quick) {
             let mut series = who
                 .iter()
                 .map(|n| {
                     Ok(Series {
-                        name: if metric == "ms_per_token" { "TCA cache".to_string() } else { n.clone() },
+                        name: if metric == "ms_per_token" {
+                            "TCA cache".to_string()
+                        } else {
+                            n.clone()
+                        },
                         points: sweep::points_of(&df, p, crit, n, metric)?,
                         dashed: false,
                     })
@@ -115,7 +147,13 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     dashed: true,
                 });
             }
-            panels.push((format!("{ylabel} vs {p}"), xlabel(p).to_string(), ylabel.to_string(), logy, series));
+            panels.push((
+                format!("{ylabel} vs {p}"),
+                xlabel(p).to_string(),
+                ylabel.to_string(),
+                logy,
+                series,
+            ));
         }
     }
     let l0 = &ctx.synthetic[0].heads;

@@ -2,7 +2,7 @@
 //! criteria. Quality is the mean omitted mass gamma and the relative output error
 //! ||O - O~||_2 / ||O||_2; sparsity is 1 - mean |S_i| / (i + 1).
 
-use super::plot::{de, font, line_panel, render, DrawResult, Figure, Series};
+use super::plot::{de, font, line_panel, render, Axes, DrawResult, Figure, Series};
 use super::sweep::{self, Point};
 use super::table::write;
 use super::Context;
@@ -10,7 +10,6 @@ use crate::config::{Config, Criterion};
 use crate::error::Result;
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use polars::prelude::*;
 use std::path::PathBuf;
 
 /// The tau values swept.
@@ -28,10 +27,20 @@ impl Figure for Fig5 {
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let root = root.titled(&self.title, font(17)).map_err(de)?;
-        for (area, (t, y, logy, s)) in root.split_evenly((2, 3)).iter().zip(&self.panels) {
-            let ylim = if *logy { None } else { Some((0.0, 1.0)) };
-            let ylim = if y.contains("error") { None } else { ylim };
-            line_panel(area, t, "tau", y, s, false, *logy, ylim)?;
+        for (n, (area, (t, y, logy, s))) in root
+            .split_evenly((2, 3))
+            .iter()
+            .zip(&self.panels)
+            .enumerate()
+        {
+            let axes = Axes {
+                logy: *logy,
+                ylim: (!*logy).then_some((0.0, 1.0)),
+                floor: Some(1e-8),
+                legend: (n % 3 == 0).then_some(SeriesLabelPosition::LowerLeft),
+                ..Axes::default()
+            };
+            line_panel(area, t, "tau", y, s, &axes)?;
         }
         Ok(())
     }
@@ -40,7 +49,11 @@ impl Figure for Fig5 {
 /// Writes `fig5_tau` (figure and table).
 pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let stem = ctx.stem("fig5_tau");
-    let taus: Vec<f64> = if ctx.quick { vec![0.5, 0.8, 0.9, 0.95] } else { TAUS.to_vec() };
+    let taus: Vec<f64> = if ctx.quick {
+        vec![0.5, 0.8, 0.9, 0.95]
+    } else {
+        TAUS.to_vec()
+    };
     let base = &ctx.base;
     let points: Vec<Point> = [Criterion::Column, Criterion::Mass]
         .iter()
@@ -48,7 +61,11 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             taus.iter().map(move |&tau| Point {
                 param: "tau",
                 value: tau,
-                config: Config { tau, criterion, ..base.clone() },
+                config: Config {
+                    tau,
+                    criterion,
+                    ..base.clone()
+                },
             })
         })
         .collect();
@@ -63,7 +80,12 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
         for (metric, ylabel, logy, f) in [
             ("mean_gamma", "mean omitted mass gamma", true, None),
             ("rel_err", "mean relative output error", true, None),
-            ("kept_fraction", "sparsity 1 - kept fraction", false, Some(1.0)),
+            (
+                "kept_fraction",
+                "sparsity 1 - kept fraction",
+                false,
+                Some(1.0),
+            ),
         ] {
             let series = names
                 .iter()
@@ -71,12 +93,20 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     let pts = sweep::points_of(&df, "tau", crit, n, metric)?;
                     Ok(Series {
                         name: n.clone(),
-                        points: pts.into_iter().map(|(x, y)| (x, f.map_or(y, |one: f64| one - y))).collect(),
+                        points: pts
+                            .into_iter()
+                            .map(|(x, y)| (x, f.map_or(y, |one: f64| one - y)))
+                            .collect(),
                         dashed: n == "mean over layers",
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            panels.push((format!("{crit} criterion: {ylabel}"), ylabel.to_string(), logy, series));
+            panels.push((
+                format!("{crit} criterion: {ylabel}"),
+                ylabel.to_string(),
+                logy,
+                series,
+            ));
         }
     }
     let l0 = &ctx.synthetic[0].heads;

@@ -66,7 +66,11 @@ pub struct Context {
 
 /// Shape of the synthetic layers: SmolLM2's attention at 2K tokens, or small (`quick`).
 pub fn synthetic_spec(kind: HeadKind, quick: bool) -> SynthSpec {
-    let (q_heads, kv_heads, len, dim) = if quick { (4, 2, 512, 32) } else { (9, 3, 2048, 64) };
+    let (q_heads, kv_heads, len, dim) = if quick {
+        (4, 2, 512, 32)
+    } else {
+        (9, 3, 2048, 64)
+    };
     SynthSpec {
         kind,
         q_heads,
@@ -143,7 +147,10 @@ impl Context {
     pub fn sweep_layers(&self) -> Vec<&Layer> {
         let n = self.real.len();
         let step = n.div_ceil(4).max(1);
-        self.synthetic.iter().chain(self.real.iter().step_by(step)).collect()
+        self.synthetic
+            .iter()
+            .chain(self.real.iter().step_by(step))
+            .collect()
     }
 
     /// "synthetic heads" or "synthetic heads and SmolLM2-135M layers".
@@ -206,7 +213,11 @@ impl Evaluation {
     }
     /// KV heads whose calibration reached tau.
     pub fn reached(&self) -> usize {
-        self.profile.layers[0].heads.iter().filter(|h| h.reached_tau).count()
+        self.profile.layers[0]
+            .heads
+            .iter()
+            .filter(|h| h.reached_tau)
+            .count()
     }
 }
 
@@ -254,7 +265,11 @@ pub fn run_all(ctx: &Context) -> Result<Vec<PathBuf>> {
     for (name, run) in EXPERIMENTS {
         let t = std::time::Instant::now();
         let f = run(ctx)?;
-        eprintln!("{name}: {} files in {:.1} s", f.len(), t.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: {} files in {:.1} s",
+            f.len(),
+            t.elapsed().as_secs_f64()
+        );
         files.extend(f);
     }
     Ok(files)

@@ -16,11 +16,14 @@ use std::path::PathBuf;
 /// Attention sinks kept by StreamingLLM.
 pub const N_SINK: usize = 4;
 
+/// One policy's means per layer: (name, retained mass, relative error, kept fraction).
+type PolicyRow = (String, Vec<f64>, Vec<f64>, Vec<f64>);
+
 struct Peers {
     title: String,
     layers: Vec<String>,
     /// (policy, retained, rel err, kept) per layer.
-    rows: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>)>,
+    rows: Vec<PolicyRow>,
 }
 
 impl Figure for Peers {
@@ -30,16 +33,46 @@ impl Figure for Peers {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let root = root.titled(&self.title, font(17)).map_err(de)?;
         let p = root.split_evenly((3, 1));
-        let pick = |f: fn(&(String, Vec<f64>, Vec<f64>, Vec<f64>)) -> Vec<f64>| -> Vec<(String, Vec<f64>)> {
+        let pick = |f: fn(&PolicyRow) -> Vec<f64>| -> Vec<(String, Vec<f64>)> {
             self.rows.iter().map(|r| (r.0.clone(), f(r))).collect()
         };
         let ret = pick(|r| r.1.clone());
-        let lo = ret.iter().flat_map(|r| r.1.iter().copied()).fold(1.0, f64::min);
-        bar_panel(&p[0], "retained softmax mass 1 - mean gamma_i (higher is better)", "retained mass", &self.layers, &ret, ((lo - 0.05).max(0.0).min(0.9), 1.0))?;
+        let lo = ret
+            .iter()
+            .flat_map(|r| r.1.iter().copied())
+            .fold(1.0, f64::min);
+        bar_panel(
+            &p[0],
+            "retained softmax mass 1 - mean gamma_i (higher is better)",
+            "retained mass",
+            &self.layers,
+            &ret,
+            ((lo - 0.05).clamp(0.0, 0.9), 1.0),
+            None,
+        )?;
         let err = pick(|r| r.2.clone());
-        let hi = err.iter().flat_map(|r| r.1.iter().copied()).fold(0.0, f64::max);
-        bar_panel(&p[1], "relative output error mean ||O - O~||_2 / ||O||_2 (lower is better)", "relative error", &self.layers, &err, (0.0, hi * 1.1 + 1e-12))?;
-        bar_panel(&p[2], "kept keys mean |S_i| / (i + 1)", "kept fraction", &self.layers, &pick(|r| r.3.clone()), (0.0, 1.0))
+        let hi = err
+            .iter()
+            .flat_map(|r| r.1.iter().copied())
+            .fold(0.0, f64::max);
+        bar_panel(
+            &p[1],
+            "relative output error mean ||O - O~||_2 / ||O||_2 (lower is better)",
+            "relative error",
+            &self.layers,
+            &err,
+            (0.0, hi * 1.1 + 1e-12),
+            Some(SeriesLabelPosition::UpperMiddle),
+        )?;
+        bar_panel(
+            &p[2],
+            "kept keys mean |S_i| / (i + 1)",
+            "kept fraction",
+            &self.layers,
+            &pick(|r| r.3.clone()),
+            (0.0, 1.0),
+            None,
+        )
     }
 }
 
@@ -68,12 +101,24 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let per_query = df!("layer" => lab, "policy" => pol, "gamma" => gamma, "rel_err" => rel,
         "kept_fraction" => kept)
     .map_err(pe(&stem))?;
-    let mut agg = mean_by(per_query, &["layer", "policy"], &["gamma", "rel_err", "kept_fraction"])
-        .and_then(|df| df.lazy().with_column((lit(1.0) - col("gamma")).alias("retained_mass")).collect())
-        .map_err(pe(&stem))?;
+    let mut agg = mean_by(
+        per_query,
+        &["layer", "policy"],
+        &["gamma", "rel_err", "kept_fraction"],
+    )
+    .and_then(|df| {
+        df.lazy()
+            .with_column((lit(1.0) - col("gamma")).alias("retained_mass"))
+            .collect()
+    })
+    .map_err(pe(&stem))?;
     let mut files = write(&stem, &mut agg)?;
     let (l_col, p_col) = (strs(&agg, "layer")?, strs(&agg, "policy")?);
-    let (ret, err, kf) = (f64s(&agg, "retained_mass")?, f64s(&agg, "rel_err")?, f64s(&agg, "kept_fraction")?);
+    let (ret, err, kf) = (
+        f64s(&agg, "retained_mass")?,
+        f64s(&agg, "rel_err")?,
+        f64s(&agg, "kept_fraction")?,
+    );
     let names: Vec<String> = layers.iter().map(|l| l.label.clone()).collect();
     let rows = Policy::ALL
         .iter()
@@ -92,7 +137,11 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             (p.name().to_string(), get(&ret), get(&err), get(&kf))
         })
         .collect();
-    let src = if ctx.real.is_empty() { "synthetic heads" } else { "synthetic heads and captured layers" };
+    let src = if ctx.real.is_empty() {
+        "synthetic heads"
+    } else {
+        "synthetic heads and captured layers"
+    };
     files.extend(render(
         &stem,
         &Peers {

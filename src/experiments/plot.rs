@@ -76,6 +76,21 @@ pub fn font(size: u32) -> TextStyle<'static> {
     (FONT, size).into_font().into()
 }
 
+/// Compact tick label: integers plainly, small values in scientific notation.
+pub fn fmt_num(v: &f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if (v.fract() == 0.0 && a < 1e6) || a >= 100.0 {
+        format!("{v:.0}")
+    } else if a < 0.01 {
+        format!("{v:.0e}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 /// A named series of (x, y) points.
 #[derive(Clone, Debug)]
 pub struct Series {
@@ -105,20 +120,53 @@ pub fn range(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     }
 }
 
-/// A line chart panel with markers, legend and axis labels; `logy` for a log y axis.
-#[allow(clippy::too_many_arguments)]
+/// Axis options of a line panel.
+#[derive(Clone, Default)]
+pub struct Axes {
+    pub logx: bool,
+    pub logy: bool,
+    /// Fixed y range; from the data when None.
+    pub ylim: Option<(f64, f64)>,
+    /// Where the legend goes; no legend when None.
+    pub legend: Option<SeriesLabelPosition>,
+    /// With a log y axis, values below this are drawn at it (say so in the title).
+    pub floor: Option<f64>,
+}
+
+/// A line chart panel with markers (for short series), legend and axis labels.
 pub fn line_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
     xlabel: &str,
     ylabel: &str,
     series: &[Series],
-    logx: bool,
-    logy: bool,
-    ylim: Option<(f64, f64)>,
+    axes: &Axes,
 ) -> DrawResult {
-    let xs = range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)), logx);
-    let ys = ylim.unwrap_or_else(|| range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)), logy));
+    let (logx, logy, ylim) = (axes.logx, axes.logy, axes.ylim);
+    let floored: Vec<Series>;
+    let series = match (logy, axes.floor) {
+        (true, Some(f)) => {
+            floored = series
+                .iter()
+                .map(|s| Series {
+                    points: s.points.iter().map(|&(x, y)| (x, y.max(f))).collect(),
+                    ..s.clone()
+                })
+                .collect();
+            &floored[..]
+        }
+        _ => series,
+    };
+    let xs = range(
+        series.iter().flat_map(|s| s.points.iter().map(|p| p.0)),
+        logx,
+    );
+    let ys = ylim.unwrap_or_else(|| {
+        range(
+            series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
+            logy,
+        )
+    });
     macro_rules! body {
         ($chart:expr) => {{
             let mut chart = $chart;
@@ -126,6 +174,11 @@ pub fn line_panel<DB: DrawingBackend>(
                 .configure_mesh()
                 .x_desc(xlabel)
                 .y_desc(ylabel)
+                .x_labels(6)
+                .y_labels(6)
+                .x_label_formatter(&|v| fmt_num(v))
+                .y_label_formatter(&|v| fmt_num(v))
+                .light_line_style(WHITE.mix(0.0))
                 .label_style(font(13))
                 .axis_desc_style(font(14))
                 .draw()
@@ -144,6 +197,9 @@ pub fn line_panel<DB: DrawingBackend>(
                     .map_err(de)?
                     .label(s.name.clone())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                if pts.len() > 40 {
+                    continue;
+                }
                 if s.dashed {
                     chart
                         .draw_series(pts.iter().map(|&p| TriangleMarker::new(p, 4, c.filled())))
@@ -154,14 +210,16 @@ pub fn line_panel<DB: DrawingBackend>(
                         .map_err(de)?;
                 }
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(font(12))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(de)?;
+            if let Some(pos) = axes.legend.clone() {
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .label_font(font(12))
+                    .position(pos)
+                    .draw()
+                    .map_err(de)?;
+            }
         }};
     }
     let mut b = ChartBuilder::on(area);
@@ -171,8 +229,12 @@ pub fn line_panel<DB: DrawingBackend>(
         .y_label_area_size(60);
     match (logx, logy) {
         (false, false) => body!(b.build_cartesian_2d(xs.0..xs.1, ys.0..ys.1).map_err(de)?),
-        (true, false) => body!(b.build_cartesian_2d((xs.0..xs.1).log_scale(), ys.0..ys.1).map_err(de)?),
-        (false, true) => body!(b.build_cartesian_2d(xs.0..xs.1, (ys.0..ys.1).log_scale()).map_err(de)?),
+        (true, false) => body!(b
+            .build_cartesian_2d((xs.0..xs.1).log_scale(), ys.0..ys.1)
+            .map_err(de)?),
+        (false, true) => body!(b
+            .build_cartesian_2d(xs.0..xs.1, (ys.0..ys.1).log_scale())
+            .map_err(de)?),
         (true, true) => body!(b
             .build_cartesian_2d((xs.0..xs.1).log_scale(), (ys.0..ys.1).log_scale())
             .map_err(de)?),
@@ -188,6 +250,7 @@ pub fn bar_panel<DB: DrawingBackend>(
     categories: &[String],
     series: &[(String, Vec<f64>)],
     ylim: (f64, f64),
+    legend: Option<SeriesLabelPosition>,
 ) -> DrawResult {
     let n = series.len().max(1) as f64;
     let mut chart = ChartBuilder::on(area)
@@ -211,6 +274,8 @@ pub fn bar_panel<DB: DrawingBackend>(
             }
         })
         .y_desc(ylabel)
+        .y_label_formatter(&|v| fmt_num(v))
+        .light_line_style(WHITE.mix(0.0))
         .label_style(font(13))
         .axis_desc_style(font(14))
         .draw()
@@ -227,14 +292,16 @@ pub fn bar_panel<DB: DrawingBackend>(
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(font(12))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(de)?;
+    if let Some(pos) = legend {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(font(12))
+            .position(pos)
+            .draw()
+            .map_err(de)?;
+    }
     Ok(())
 }
 
@@ -282,7 +349,11 @@ pub fn heatmap_panel<DB: DrawingBackend>(
     let map = ViridisRGB;
     for (r, row) in values.iter().enumerate() {
         for (c, &v) in row.iter().enumerate() {
-            let t = if hi > lo { ((v - lo) / (hi - lo)).clamp(0.0, 1.0) } else { 0.5 };
+            let t = if hi > lo {
+                ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+            } else {
+                0.5
+            };
             let fill = map.get_color(t);
             chart
                 .draw_series(std::iter::once(Rectangle::new(

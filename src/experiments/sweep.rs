@@ -20,17 +20,32 @@ pub struct Point {
 
 /// Decode cost of one layer: tokens held at the end as a fraction of the full cache,
 /// and milliseconds per decoded token (one thread, all KV heads).
-pub fn decode_cost(layer: &Layer, cfg: &Config, budgets: &[Budget], steps: usize) -> Result<(f64, f64)> {
+pub fn decode_cost(
+    layer: &Layer,
+    cfg: &Config,
+    budgets: &[Budget],
+    steps: usize,
+) -> Result<(f64, f64)> {
     let l = layer.heads.len();
     let r = decode(&layer.heads, cfg, budgets, l - steps.min(l - 1))?;
-    let held: usize = r.heads.iter().map(|h| h.global_tokens + h.window_tokens).sum();
-    Ok((held as f64 / (r.heads.len() * l) as f64, 1e3 * r.seconds_per_step))
+    let held: usize = r
+        .heads
+        .iter()
+        .map(|h| h.global_tokens + h.window_tokens)
+        .sum();
+    Ok((
+        held as f64 / (r.heads.len() * l) as f64,
+        1e3 * r.seconds_per_step,
+    ))
 }
 
 /// Dense decode of the same steps (everything cached, nothing compacted), in ms/token.
 pub fn dense_decode_ms(layer: &Layer, cfg: &Config, steps: usize) -> Result<f64> {
     let l = layer.heads.len();
-    let dense = Config { window: l + cfg.block_size, ..cfg.clone() };
+    let dense = Config {
+        window: l + cfg.block_size,
+        ..cfg.clone()
+    };
     let full = vec![Budget::full(cfg.block_size)?; layer.heads.num_kv_heads()];
     Ok(1e3 * decode(&layer.heads, &dense, &full, l - steps.min(l - 1))?.seconds_per_step)
 }
@@ -38,7 +53,13 @@ pub fn dense_decode_ms(layer: &Layer, cfg: &Config, steps: usize) -> Result<f64>
 /// Runs every point on every layer. Columns: param, value, criterion, layer, mean_gamma,
 /// rel_err, kept_fraction, frac_gamma_above, reached_fraction, and with `decode_steps`
 /// kv_fraction, ms_per_token, dense_ms_per_token.
-pub fn run(layers: &[&Layer], points: &[Point], decode_steps: Option<usize>, what: &str, stem: &Path) -> Result<DataFrame> {
+pub fn run(
+    layers: &[&Layer],
+    points: &[Point],
+    decode_steps: Option<usize>,
+    what: &str,
+    stem: &Path,
+) -> Result<DataFrame> {
     let mut c: (Vec<&str>, Vec<f64>, Vec<&str>, Vec<String>) = Default::default();
     let mut m: [Vec<f64>; 8] = Default::default();
     let dense: Vec<f64> = match decode_steps {
@@ -94,18 +115,44 @@ pub fn run(layers: &[&Layer], points: &[Point], decode_steps: Option<usize>, wha
 /// Per (param, value, criterion): the mean over layers of every metric, labelled
 /// layer = "mean over layers", appended to `df`.
 pub fn with_layer_mean(df: DataFrame, stem: &Path) -> Result<DataFrame> {
-    let metrics = ["mean_gamma", "rel_err", "kept_fraction", "frac_gamma_above", "reached_fraction", "kv_fraction", "ms_per_token", "dense_ms_per_token"];
+    let metrics = [
+        "mean_gamma",
+        "rel_err",
+        "kept_fraction",
+        "frac_gamma_above",
+        "reached_fraction",
+        "kv_fraction",
+        "ms_per_token",
+        "dense_ms_per_token",
+    ];
     let mean = super::table::mean_by(df.clone(), &["param", "value", "criterion"], &metrics)
-        .and_then(|m| m.lazy().with_column(lit("mean over layers").alias("layer")).collect())
-        .and_then(|m| m.select(df.get_column_names_str()))
+        .and_then(|m| {
+            m.lazy()
+                .with_column(lit("mean over layers").alias("layer"))
+                .collect()
+        })
+        .and_then(|m| m.select(df.get_column_names_owned()))
         .map_err(pe(stem))?;
     df.vstack(&mean).map_err(pe(stem))
 }
 
 /// The (value, metric) points of one layer, parameter and criterion in `df`.
-pub fn points_of(df: &DataFrame, param: &str, criterion: &str, layer: &str, metric: &str) -> Result<Vec<(f64, f64)>> {
-    let (p, c, l) = (super::table::strs(df, "param")?, super::table::strs(df, "criterion")?, super::table::strs(df, "layer")?);
-    let (v, y) = (super::table::f64s(df, "value")?, super::table::f64s(df, metric)?);
+pub fn points_of(
+    df: &DataFrame,
+    param: &str,
+    criterion: &str,
+    layer: &str,
+    metric: &str,
+) -> Result<Vec<(f64, f64)>> {
+    let (p, c, l) = (
+        super::table::strs(df, "param")?,
+        super::table::strs(df, "criterion")?,
+        super::table::strs(df, "layer")?,
+    );
+    let (v, y) = (
+        super::table::f64s(df, "value")?,
+        super::table::f64s(df, metric)?,
+    );
     Ok((0..p.len())
         .filter(|&i| p[i] == param && c[i] == criterion && l[i] == layer)
         .map(|i| (v[i], y[i]))

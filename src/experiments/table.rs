@@ -22,7 +22,10 @@ pub fn write(stem: &Path, df: &mut DataFrame) -> Result<Vec<PathBuf>> {
     let f = std::fs::File::create(&pq).map_err(|e| TcaError::io(&pq, e))?;
     ParquetWriter::new(f).finish(df).map_err(pe(&pq))?;
     let mut f = std::fs::File::create(&csv).map_err(|e| TcaError::io(&csv, e))?;
-    CsvWriter::new(&mut f).include_header(true).finish(df).map_err(pe(&csv))?;
+    CsvWriter::new(&mut f)
+        .include_header(true)
+        .finish(df)
+        .map_err(pe(&csv))?;
     Ok(vec![pq, csv])
 }
 
@@ -32,7 +35,7 @@ pub fn f64s(df: &DataFrame, name: &str) -> Result<Vec<f64>> {
     let s = col.cast(&DataType::Float64).map_err(pe(Path::new(name)))?;
     Ok(s.f64()
         .map_err(pe(Path::new(name)))?
-        .into_iter()
+        .iter()
         .map(|x| x.unwrap_or(f64::NAN))
         .collect())
 }
@@ -43,7 +46,7 @@ pub fn strs(df: &DataFrame, name: &str) -> Result<Vec<String>> {
     let s = col.cast(&DataType::String).map_err(pe(Path::new(name)))?;
     Ok(s.str()
         .map_err(pe(Path::new(name)))?
-        .into_iter()
+        .iter()
         .map(|x| x.unwrap_or("").to_string())
         .collect())
 }
