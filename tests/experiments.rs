@@ -7,7 +7,7 @@ use tca::experiments::{fig1, synthetic_spec, Context, Layer, EXPERIMENTS};
 #[test]
 fn quick_experiments_write_png_svg_parquet_csv() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::new(dir.path().to_path_buf(), true, None, "none").unwrap();
+    let ctx = Context::new(dir.path().to_path_buf(), true, None, "none", false).unwrap();
     for (name, run) in EXPERIMENTS {
         let files = run(&ctx).unwrap();
         assert!(!files.is_empty(), "{name} wrote nothing");

@@ -126,6 +126,9 @@ pub struct ReproduceArgs {
     /// Only the verdict tables, no figures.
     #[arg(long)]
     pub no_figures: bool,
+    /// Figures from synthetic heads only (no real layers from the fetched model).
+    #[arg(long)]
+    pub synthetic_only: bool,
 }
 
 /// The budgets of a layer: from a profile checked against the input, else calibrated
@@ -358,21 +361,6 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
     }
     let path = a.out.join("verdicts.csv");
     crate::data::write_new(&path, rows.as_bytes(), true)?;
-    if !a.no_figures {
-        let exp = crate::experiments::ExperimentArgs {
-            out: a.figures.clone(),
-            quick: a.quick,
-            capture: a.capture.clone(),
-            model: "SmolLM2-135M".into(),
-        };
-        let ctx = exp.context()?;
-        let files = crate::experiments::run_all(&ctx)?;
-        println!(
-            "wrote {} figure and table files to {}",
-            files.len(),
-            ctx.out.display()
-        );
-    }
     println!("\n== overview (identity, linf_entrymax, l1_induced, l2_diameter are checked too)");
     println!(
         "criterion kind       kept_frac  mean_gamma  gamma>1-tau  reached  readings that fail"
@@ -382,5 +370,21 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
         "wrote {} and one folder per criterion and head type",
         path.display()
     );
+    if !a.no_figures {
+        let exp = crate::experiments::ExperimentArgs {
+            out: a.figures.clone(),
+            quick: a.quick,
+            capture: a.capture.clone(),
+            model: crate::model::assets::MODEL_NAME.into(),
+            synthetic_only: a.synthetic_only,
+        };
+        let ctx = exp.context()?;
+        let files = crate::experiments::run_all(&ctx)?;
+        println!(
+            "wrote {} figure and table files to {}",
+            files.len(),
+            ctx.out.display()
+        );
+    }
     Ok(())
 }

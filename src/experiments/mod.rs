@@ -64,6 +64,44 @@ pub struct Context {
     evals: std::sync::OnceLock<Vec<Evaluation>>,
 }
 
+/// Real layers captured in memory from the model on the embedded novel: all layers at
+/// 2048 tokens, or layers 0, 10, 20, 29 at 512 tokens (`quick`). None when the model is
+/// not fetched (scripts/fetch-assets).
+pub fn capture_model_layers(quick: bool) -> Result<Option<Vec<Layer>>> {
+    use crate::model::{assets, Model};
+    let Ok(path) = assets::model_path(None) else {
+        return Ok(None);
+    };
+    let model = Model::load(&path)?;
+    let (n, layers): (usize, Vec<usize>) = if quick {
+        (512, vec![0, 10, 20, 29])
+    } else {
+        (2048, (0..model.llama.config.n_layers).collect())
+    };
+    let layers: Vec<usize> = layers
+        .into_iter()
+        .filter(|&l| l < model.llama.config.n_layers)
+        .collect();
+    let mut tokens = model.tokenizer.encode(&assets::read_text(None)?);
+    tokens.truncate(n);
+    let pb = progress(1, "capture real layers");
+    let cap = model.llama.capture(&tokens, &layers)?;
+    pb.finish_and_clear();
+    cap.captured
+        .iter()
+        .map(|(&layer, qkv)| {
+            Ok(Layer {
+                source: assets::MODEL_NAME.into(),
+                label: format!("layer {layer}"),
+                kind: None,
+                layer,
+                heads: qkv.to_heads()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 /// Shape of the synthetic layers: SmolLM2's attention at 2K tokens, or small (`quick`).
 pub fn synthetic_spec(kind: HeadKind, quick: bool) -> SynthSpec {
     let (q_heads, kv_heads, len, dim) = if quick {
@@ -82,8 +120,15 @@ pub fn synthetic_spec(kind: HeadKind, quick: bool) -> SynthSpec {
 }
 
 impl Context {
-    /// The synthetic layers, plus the real layers of `capture` if given.
-    pub fn new(out: PathBuf, quick: bool, capture: Option<&Path>, model: &str) -> Result<Self> {
+    /// The synthetic layers, plus the real layers of `capture` if given, or else (with
+    /// `use_model`) captured from the model when it is fetched.
+    pub fn new(
+        out: PathBuf,
+        quick: bool,
+        capture: Option<&Path>,
+        model: &str,
+        use_model: bool,
+    ) -> Result<Self> {
         let synthetic = HeadKind::ALL
             .iter()
             .map(|&kind| {
@@ -107,6 +152,10 @@ impl Context {
                     heads,
                 })
                 .collect(),
+            None if use_model => capture_model_layers(quick)?.unwrap_or_else(|| {
+                eprintln!("note: model not fetched (scripts/fetch-assets): synthetic heads only");
+                Vec::new()
+            }),
             None => Vec::new(),
         };
         Ok(Context {
@@ -288,8 +337,11 @@ pub struct ExperimentArgs {
     #[arg(long)]
     pub capture: Option<PathBuf>,
     /// Name of the captured model, for titles.
-    #[arg(long, default_value = "SmolLM2-135M")]
+    #[arg(long, default_value = "SmolLM2-135M-Instruct")]
     pub model: String,
+    /// Synthetic heads only: do not capture real layers from the fetched model.
+    #[arg(long)]
+    pub synthetic_only: bool,
 }
 
 impl ExperimentArgs {
@@ -302,7 +354,13 @@ impl ExperimentArgs {
                 PathBuf::from("figures")
             }
         });
-        Context::new(out, self.quick, self.capture.as_deref(), &self.model)
+        Context::new(
+            out,
+            self.quick,
+            self.capture.as_deref(),
+            &self.model,
+            !self.synthetic_only,
+        )
     }
 }
 

@@ -185,12 +185,18 @@ pub fn line_panel<DB: DrawingBackend>(
                 .map_err(de)?;
             for (i, s) in series.iter().enumerate() {
                 let c = color(i);
-                let style = ShapeStyle::from(&c).stroke_width(if s.dashed { 1 } else { 2 });
+                let style =
+                    ShapeStyle::from(&c).stroke_width(if s.dashed || s.points.len() > 100 {
+                        1
+                    } else {
+                        2
+                    });
                 let pts: Vec<(f64, f64)> = s
                     .points
                     .iter()
                     .copied()
                     .filter(|p| (!logx || p.0 > 0.0) && (!logy || p.1 > 0.0))
+                    .map(|(x, y)| (x.clamp(xs.0, xs.1), y.clamp(ys.0, ys.1)))
                     .collect();
                 chart
                     .draw_series(LineSeries::new(pts.clone(), style))
