@@ -14,8 +14,9 @@ use plotters::prelude::*;
 use polars::prelude::*;
 use std::path::PathBuf;
 
-/// Queries drawn per layer in the scatter at most (all are counted).
-const MAX_POINTS: usize = 2500;
+/// Queries drawn per synthetic layer, and for all real layers together, at most (all
+/// are counted in the titles and bound_summary).
+const MAX_POINTS: usize = 1500;
 const READINGS: [Reading; 4] = [
     Reading::LinfEntrymax,
     Reading::L1Entrymax,
@@ -29,10 +30,20 @@ fn sides(r: Reading, a: &QueryAudit, tau: f64) -> (f64, f64) {
     (rhs, lhs)
 }
 
-fn subsample(audits: &[QueryAudit]) -> Vec<&QueryAudit> {
+/// Every k-th query with gamma > 0, at most `cap` of them.
+fn subsample(audits: &[QueryAudit], cap: usize) -> Vec<&QueryAudit> {
     let nz: Vec<&QueryAudit> = audits.iter().filter(|a| a.gamma > 0.0).collect();
-    let stride = nz.len().div_ceil(MAX_POINTS).max(1);
+    let stride = nz.len().div_ceil(cap.max(1)).max(1);
     nz.into_iter().step_by(stride).collect()
+}
+
+/// Points drawn for layer `l`: MAX_POINTS for a synthetic layer, an equal share of
+/// MAX_POINTS for each of `n_real` real layers.
+fn cap(l: &Layer, n_real: usize) -> usize {
+    match l.kind {
+        Some(_) => MAX_POINTS,
+        None => MAX_POINTS / n_real.max(1),
+    }
 }
 
 struct Scatter<'a> {
@@ -100,7 +111,7 @@ impl Figure for Scatter<'_> {
                     Some(_) => l.label.clone(),
                     None => format!("{} ({} layers)", l.source, self.real_layers),
                 };
-                let pts = subsample(&e.audits);
+                let pts = subsample(&e.audits, cap(l, self.real_layers));
                 match groups.iter_mut().find(|g| g.0 == name) {
                     Some(g) => g.1.extend(pts),
                     None => groups.push((name, pts)),
@@ -220,7 +231,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let (mut lab, mut head, mut query, mut reading, mut bound, mut err) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (l, e) in &pairs {
-        for a in subsample(&e.audits) {
+        for a in subsample(&e.audits, cap(l, ctx.real.len())) {
             for r in READINGS {
                 let (b, x) = sides(r, a, cfg.tau);
                 lab.push(l.describe());

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use std::path::PathBuf;
 
 /// Points drawn per scatter panel at most.
-const MAX_POINTS: usize = 6000;
+const MAX_POINTS: usize = 3000;
 
 /// One head shown in the figure.
 pub struct HeadView {
