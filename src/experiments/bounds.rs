@@ -140,14 +140,7 @@ impl Figure for Scatter<'_> {
                 .legend(|(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2))
                 });
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(font(12))
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(de)?;
+            super::plot::legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
         Ok(())
     }

@@ -75,6 +75,21 @@ pub fn color(i: usize) -> RGBColor {
     P[i % P.len()]
 }
 
+/// Draws the legend of `chart` at `pos` in the figures' one style.
+pub fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(font(12))
+        .position(pos)
+        .draw()
+        .map_err(de)
+}
+
 /// Text style of a given size.
 pub fn font(size: u32) -> TextStyle<'static> {
     (FONT, size).into_font().into()
@@ -221,14 +236,7 @@ pub fn line_panel<DB: DrawingBackend>(
                 }
             }
             if let Some(pos) = axes.legend.clone() {
-                chart
-                    .configure_series_labels()
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .label_font(font(12))
-                    .position(pos)
-                    .draw()
-                    .map_err(de)?;
+                legend(&mut chart, pos)?;
             }
         }};
     }
@@ -260,7 +268,7 @@ pub fn bar_panel<DB: DrawingBackend>(
     categories: &[String],
     series: &[(String, Vec<f64>)],
     ylim: (f64, f64),
-    legend: Option<SeriesLabelPosition>,
+    legend_at: Option<SeriesLabelPosition>,
 ) -> DrawResult {
     let n = series.len().max(1) as f64;
     let mut chart = ChartBuilder::on(area)
@@ -302,15 +310,8 @@ pub fn bar_panel<DB: DrawingBackend>(
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
     }
-    if let Some(pos) = legend {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(font(12))
-            .position(pos)
-            .draw()
-            .map_err(de)?;
+    if let Some(pos) = legend_at {
+        legend(&mut chart, pos)?;
     }
     Ok(())
 }
