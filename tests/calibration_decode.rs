@@ -12,7 +12,7 @@ use tca::selection::{candidates, select, Budget};
 use tca::Config;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(common::cases(64)))]
 
     /// The `mass` criterion's retained score of the chosen candidate is 1 - mean gamma
     /// measured by the bound audit on the same selection.

@@ -9,7 +9,7 @@ use tca::selection::policies::{keeps_window, key_sets, Policy};
 use tca::selection::select;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(common::cases(64)))]
 
     #[test]
     fn every_policy_gives_valid_key_sets((heads, cfg, budgets) in common::case(), sinks in 0usize..4) {

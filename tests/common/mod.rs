@@ -97,3 +97,11 @@ pub fn case() -> impl Strategy<Value = (Heads, Config, Vec<Budget>)> {
         (Just(h), Just(c), prop::collection::vec(budget(b), n))
     })
 }
+
+/// Cases for a slower property: `default`, or PROPTEST_CASES when it is set.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
