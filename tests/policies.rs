@@ -38,7 +38,7 @@ proptest! {
         for (p, a) in Policy::ALL.iter().zip(&audits) {
             for (x, o) in a.iter().zip(oracle) {
                 for r in [Reading::Identity, Reading::LinfEntrymax, Reading::L1Induced, Reading::L2Diameter] {
-                    prop_assert!(r.holds_at(x, cfg.tau), "{p:?} {r:?}");
+                    prop_assert!(r.holds_at(x, cfg.tau), "{p:?} {r:?} {x:?}");
                 }
                 if matches!(p, Policy::Tca | Policy::StreamingLlm) {
                     prop_assert!(o.gamma <= x.gamma + 1e-12, "oracle omits more than {p:?}");

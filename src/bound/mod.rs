@@ -11,7 +11,7 @@ pub use readings::{summarize, Reading, ReadingSummary, Summary, TOL};
 
 use crate::data::Heads;
 use crate::error::Result;
-use crate::reference::causal_row;
+use crate::reference::softmax::{scores, softmax_in_place, weighted_sum};
 use crate::selection::sparse::check_shape;
 use crate::selection::{sparse_row, KeySets};
 use ndarray::{Array1, ArrayView2};
@@ -126,15 +126,18 @@ fn audit_query(
 ) -> QueryAudit {
     let kv = heads.kv_of(h);
     let v = heads.v(kv);
-    let (p, _) = causal_row(heads, h, i);
+    // Logits a_ij over j <= i, the full softmax row P_i from them.
+    let a = scores(heads.q(h).row(i), heads.k(kv), 0..=i, heads.scale());
+    let mut p = a.clone();
+    softmax_in_place(&mut p);
+    let keys = sel.keys(h, i);
     let mut kept_mask = vec![false; i + 1];
-    sel.keys(h, i).into_iter().for_each(|j| kept_mask[j] = true);
+    keys.iter().for_each(|&j| kept_mask[j] = true);
     let d = heads.dim();
     let (mut sum_in, mut sum_out) = (Array1::<f64>::zeros(d), Array1::<f64>::zeros(d));
-    let (mut gamma, mut kept_mass) = (0.0, 0.0);
+    let mut gamma = 0.0;
     for (j, (&pj, &kept)) in p.iter().zip(&kept_mask).enumerate() {
         if kept {
-            kept_mass += pj;
             sum_in.scaled_add(pj, &v.row(j));
         } else {
             gamma += pj;
@@ -144,15 +147,18 @@ fn audit_query(
     let o = &sum_in + &sum_out;
     let (o_sparse, _) = sparse_row(heads, sel, h, i);
     let e = &o - &o_sparse;
-    // gamma (mu_out - mu_in) = sum_out - gamma / (1 - gamma) sum_in, with 1 - gamma the
-    // kept mass (summed, not subtracted).
-    let predicted = &sum_out - &(&sum_in * (gamma / kept_mass));
+    // mu_in, the P-weighted mean of the kept values, renormalised from the logits (the
+    // kept mass itself may underflow when gamma rounds to 1); gamma mu_out = sum_out.
+    let mut w: Vec<f64> = keys.iter().map(|&j| a[j]).collect();
+    softmax_in_place(&mut w);
+    let mu_in = weighted_sum(v, keys.iter().copied(), &w);
+    let predicted = &sum_out - &(&mu_in * gamma);
     let identity_residual = (&e - &predicted).fold(0.0f64, |m, x| m.max(x.abs()));
     QueryAudit {
         head: h,
         query: i,
         gamma,
-        kept: kept_mask.iter().filter(|k| **k).count(),
+        kept: keys.len(),
         err_l1: e.fold(0.0f64, |m, x| m + x.abs()),
         err_linf: e.fold(0.0f64, |m, x| m.max(x.abs())),
         err_l2: e.dot(&e).sqrt(),
