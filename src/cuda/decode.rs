@@ -1,0 +1,117 @@
+//! Decode launchers: one new query per query head (here the last prefill query
+//! q_{L-1}) over the compacted cache (S_G plus the window) or over the full K/V (dense).
+//! Split over KV; each KV head's rows are read once for its g query heads.
+
+use super::selection::DevSelection;
+use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+/// Keys per split (must match KC in kernels/decode.cu).
+pub const KC: usize = 256;
+
+/// Decode outputs and partials on the device.
+pub struct DevDecode {
+    pub nsplit: usize,
+    pub part_o: CudaSlice<f32>,
+    pub part_ml: CudaSlice<f32>,
+    /// O [Hq, D] (f32) and the log-sum-exp [Hq].
+    pub o: CudaSlice<f32>,
+    pub lse: CudaSlice<f32>,
+}
+
+impl DevDecode {
+    /// Room for up to `max_keys` keys per KV head.
+    pub fn new(gpu: &Gpu, h: &DevHeads, max_keys: usize) -> GpuResult<Self> {
+        let nsplit = max_keys.div_ceil(KC).max(1);
+        Ok(DevDecode {
+            nsplit,
+            part_o: gpu.alloc(h.hq * nsplit * h.dim)?,
+            part_ml: gpu.alloc(h.hq * nsplit * 2)?,
+            o: gpu.alloc(h.hq * h.dim)?,
+            lse: gpu.alloc(h.hq)?,
+        })
+    }
+
+    pub fn poison(&mut self, gpu: &Gpu) -> GpuResult<()> {
+        gpu.poison(&mut self.o)?;
+        gpu.poison(&mut self.lse)
+    }
+
+    fn combine(&mut self, gpu: &Gpu, h: &DevHeads) -> GpuResult<()> {
+        let f = gpu.func("tca_decode_combine")?;
+        let (ns, d) = (self.nsplit as i32, h.dim as i32);
+        unsafe {
+            gpu.stream
+                .launch_builder(&f)
+                .arg(&self.part_o)
+                .arg(&self.part_ml)
+                .arg(&mut self.o)
+                .arg(&mut self.lse)
+                .arg(&ns)
+                .arg(&d)
+                .launch(cfg((h.hq as u32, 1, 1), h.dim as u32, 0))
+        }
+        .ctx("tca_decode_combine")?;
+        Ok(())
+    }
+}
+
+/// Decode over the compacted cache: S_G (count on the device) then the window.
+pub fn run_sparse(gpu: &Gpu, h: &DevHeads, sel: &DevSelection, out: &mut DevDecode) -> GpuResult<()> {
+    let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
+    let qd = h.q.slice((h.len - 1) * h.dim..);
+    let qs = (h.len * h.dim) as i64;
+    let (zero, sa, nb, sb) = (0i32, sel.gcap as i64, sel.window as i32, sel.wcap as i64);
+    let sl2 = h.scale_log2();
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(&qd)
+            .arg(&qs)
+            .arg(&sel.gk)
+            .arg(&sel.gv)
+            .arg(&sel.gcount)
+            .arg(&zero)
+            .arg(&sa)
+            .arg(&sel.wk)
+            .arg(&sel.wv)
+            .arg(&nb)
+            .arg(&sb)
+            .arg(&mut out.part_o)
+            .arg(&mut out.part_ml)
+            .arg(&sl2)
+            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 128, 0))
+    }
+    .ctx("tca_decode (sparse)")?;
+    out.combine(gpu, h)
+}
+
+/// Dense decode over all L keys of K, V.
+pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> {
+    let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
+    let qd = h.q.slice((h.len - 1) * h.dim..);
+    let qs = (h.len * h.dim) as i64;
+    let (null, na, sa, zero, zl) = (0u64, h.len as i32, h.len as i64, 0i32, 0i64);
+    let sl2 = h.scale_log2();
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(&qd)
+            .arg(&qs)
+            .arg(&h.k)
+            .arg(&h.v)
+            .arg(&null)
+            .arg(&na)
+            .arg(&sa)
+            .arg(&null)
+            .arg(&null)
+            .arg(&zero)
+            .arg(&zl)
+            .arg(&mut out.part_o)
+            .arg(&mut out.part_ml)
+            .arg(&sl2)
+            .launch(cfg((h.len.div_ceil(KC) as u32, h.hkv as u32, 1), 128, 0))
+    }
+    .ctx("tca_decode (dense)")?;
+    out.combine(gpu, h)
+}
