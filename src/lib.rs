@@ -1,13 +1,19 @@
 //! tca: a reference harness for TCA-Attention (arXiv 2512.09238).
 //!
-//! Layout: [`reference`] (exact f64 attention), [`selection`] (online core-context
-//! selection and sparse attention), [`calibration`] (offline head-specific budgets),
-//! [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each reading),
-//! [`data`] (inputs), [`config`] (the TOML configuration).
+//! Layout: [`reference`] (exact f64 attention, the oracle), [`selection`] (online
+//! core-context selection and sparse attention), [`calibration`] (offline head-specific
+//! budgets), [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each
+//! reading), [`data`] (inputs), [`config`] (the TOML configuration).
 
+pub mod bound;
+pub mod calibration;
+pub mod cli;
 pub mod config;
 pub mod data;
+pub mod decode;
 pub mod error;
+pub mod reference;
+pub mod selection;
 
 pub use config::Config;
 pub use data::Heads;

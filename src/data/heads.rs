@@ -25,7 +25,9 @@ impl Heads {
             )));
         }
         if l == 0 || lk == 0 {
-            return Err(TcaError::Shape("sequence length L = 0: nothing to attend".into()));
+            return Err(TcaError::Shape(
+                "sequence length L = 0: nothing to attend".into(),
+            ));
         }
         if d == 0 || dk == 0 {
             return Err(TcaError::Shape("head dimension d = 0".into()));

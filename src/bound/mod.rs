@@ -1,0 +1,148 @@
+//! Theorem 1, checked in each of its readings (SPEC section 4).
+//!
+//! For query i with key set S_i: gamma_i = sum_{j <= i, j not in S_i} P_ij (the softmax
+//! mass TCA omits, summed directly, never as 1 - kept) and e_i = O_i - O~_i. Identity:
+//! e_i = gamma_i (mu_out - mu_in), with mu_out, mu_in the P-weighted means of v over the
+//! omitted and kept keys. The norms of V range over the keys the query sees (j <= i).
+
+pub mod readings;
+
+pub use readings::{summarize, Reading, ReadingSummary, Summary, TOL};
+
+use crate::data::Heads;
+use crate::error::{Result, TcaError};
+use crate::reference::causal_row;
+use crate::selection::{sparse_row, Selection};
+use ndarray::{Array1, ArrayView2};
+use rayon::prelude::*;
+
+/// Everything measured at one (query head, query).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct QueryAudit {
+    pub head: usize,
+    pub query: usize,
+    /// Omitted softmax mass gamma_i.
+    pub gamma: f64,
+    /// |S_i|.
+    pub kept: usize,
+    pub err_l1: f64,
+    pub err_linf: f64,
+    pub err_l2: f64,
+    /// max |V_jc| over j <= i.
+    pub vmax_abs: f64,
+    /// max_j ||v_j||_1 over j <= i (the induced infinity norm of V's visible rows).
+    pub vrow_l1_max: f64,
+    /// diam_2 {v_j : j <= i}.
+    pub vdiam_l2: f64,
+    /// ||e_i - gamma_i (mu_out - mu_in)||_inf.
+    pub identity_residual: f64,
+}
+
+/// Per-position prefix statistics of one KV head's V: max |entry|, max row l1 norm and
+/// l2 diameter over rows [0, i].
+#[derive(Clone, Debug)]
+pub struct PrefixStats {
+    pub max_abs: Vec<f64>,
+    pub max_row_l1: Vec<f64>,
+    pub diam_l2: Vec<f64>,
+}
+
+impl PrefixStats {
+    /// O(L^2 d) for the diameter: row i's farthest earlier row, then a running max.
+    pub fn new(v: ArrayView2<'_, f64>) -> Self {
+        let l = v.nrows();
+        let far: Vec<f64> = (0..l)
+            .into_par_iter()
+            .map(|i| {
+                (0..i)
+                    .map(|j| {
+                        let d = &v.row(i) - &v.row(j);
+                        d.dot(&d)
+                    })
+                    .fold(0.0, f64::max)
+                    .sqrt()
+            })
+            .collect();
+        let running = |x: Vec<f64>| {
+            x.into_iter()
+                .scan(0.0f64, |m, y| {
+                    *m = m.max(y);
+                    Some(*m)
+                })
+                .collect()
+        };
+        PrefixStats {
+            max_abs: running(
+                v.rows()
+                    .into_iter()
+                    .map(|r| r.fold(0.0f64, |m, x| m.max(x.abs())))
+                    .collect(),
+            ),
+            max_row_l1: running(
+                v.rows()
+                    .into_iter()
+                    .map(|r| r.fold(0.0f64, |m, x| m + x.abs()))
+                    .collect(),
+            ),
+            diam_l2: running(far),
+        }
+    }
+}
+
+/// Audits every (query head, query) of a layer under `sel`: O_i from the full causal row,
+/// O~_i from the sparse path's own softmax over S_i, and the identity's two sides.
+pub fn audit(heads: &Heads, sel: &Selection) -> Result<Vec<QueryAudit>> {
+    if sel.len != heads.len() || sel.heads.len() != heads.num_kv_heads() {
+        return Err(TcaError::Shape(
+            "the selection was made for another input shape".into(),
+        ));
+    }
+    let stats: Vec<PrefixStats> = (0..heads.num_kv_heads())
+        .map(|kv| PrefixStats::new(heads.v(kv)))
+        .collect();
+    let l = heads.len();
+    Ok((0..heads.num_q_heads() * l)
+        .into_par_iter()
+        .map(|n| audit_query(heads, sel, &stats[heads.kv_of(n / l)], n / l, n % l))
+        .collect())
+}
+
+fn audit_query(heads: &Heads, sel: &Selection, st: &PrefixStats, h: usize, i: usize) -> QueryAudit {
+    let kv = heads.kv_of(h);
+    let v = heads.v(kv);
+    let (p, _) = causal_row(heads, h, i);
+    let mut kept_mask = vec![false; i + 1];
+    sel.keys(kv, i).for_each(|j| kept_mask[j] = true);
+    let d = heads.dim();
+    let (mut sum_in, mut sum_out) = (Array1::<f64>::zeros(d), Array1::<f64>::zeros(d));
+    let (mut gamma, mut kept_mass) = (0.0, 0.0);
+    for (j, (&pj, &kept)) in p.iter().zip(&kept_mask).enumerate() {
+        if kept {
+            kept_mass += pj;
+            sum_in.scaled_add(pj, &v.row(j));
+        } else {
+            gamma += pj;
+            sum_out.scaled_add(pj, &v.row(j));
+        }
+    }
+    let o = &sum_in + &sum_out;
+    let (o_sparse, _) = sparse_row(heads, sel, h, i);
+    let e = &o - &o_sparse;
+    // gamma (mu_out - mu_in) = sum_out - gamma / (1 - gamma) sum_in, with 1 - gamma the
+    // kept mass (summed, not subtracted).
+    let predicted = &sum_out - &(&sum_in * (gamma / kept_mass));
+    let identity_residual = (&e - &predicted).fold(0.0f64, |m, x| m.max(x.abs()));
+    QueryAudit {
+        head: h,
+        query: i,
+        gamma,
+        kept: kept_mask.iter().filter(|k| **k).count(),
+        err_l1: e.fold(0.0f64, |m, x| m + x.abs()),
+        err_linf: e.fold(0.0f64, |m, x| m.max(x.abs())),
+        err_l2: e.dot(&e).sqrt(),
+        vmax_abs: st.max_abs[i],
+        vrow_l1_max: st.max_row_l1[i],
+        vdiam_l2: st.diam_l2[i],
+        identity_residual,
+    }
+}

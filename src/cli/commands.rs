@@ -1,0 +1,337 @@
+//! Arguments and bodies of the `tca` subcommands.
+
+use super::report::{verdict_table, write_audit};
+use crate::bound::{audit, summarize, Summary};
+use crate::calibration::{calibrate as calibrate_layer_profile, Profile};
+use crate::config::Config;
+use crate::data::{
+    load_safetensors, save_safetensors, synth as make_synth, HeadKind, Heads, SaveDtype, SynthSpec,
+};
+use crate::decode::decode as run_decode;
+use crate::error::{Result, TcaError};
+use crate::selection::{select, Budget};
+use clap::Args;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The configuration of the main job, embedded in the binary.
+pub const SYNTHETIC_CONFIG: &str = include_str!("../../configs/synthetic.toml");
+
+/// Where the Q/K/V come from and under which configuration.
+#[derive(Args, Debug, Clone)]
+pub struct InputArgs {
+    /// safetensors file with `q` [Hq, L, d], `k` and `v` [Hkv, L, d] (f64/f32/f16/bf16).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Read tensors `layer{N}.q/k/v` of a multi-layer capture (and layer N of a profile).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// TOML configuration (SPEC section 7); the defaults when omitted.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl InputArgs {
+    fn load(&self) -> Result<(Heads, Config, usize)> {
+        let cfg = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        let prefix = self.layer.map(|n| format!("layer{n}.")).unwrap_or_default();
+        let heads = load_safetensors(&self.input, &prefix)?;
+        Ok((heads, cfg, self.layer.unwrap_or(0)))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Profile (JSON) to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BoundArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Calibration profile; without it the input calibrates itself.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Folder for queries.csv and summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[arg(long, value_enum)]
+    pub kind: HeadKind,
+    /// Query heads Hq.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// KV heads Hkv (Hq must be a multiple).
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    /// Sequence length L.
+    #[arg(long, default_value_t = 1024)]
+    pub len: usize,
+    /// Head dimension d (>= 4).
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = SaveDtype::F64)]
+    pub dtype: SaveDtype,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Calibration profile; without it the prefill part calibrates itself.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Decode the last N tokens of the input one by one after prefilling the rest.
+    #[arg(long)]
+    pub steps: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ReproduceArgs {
+    /// Output folder; reproduce owns it and replaces the files it wrote before.
+    #[arg(long, default_value = "results/reproduce")]
+    pub out: PathBuf,
+    /// Smaller shapes, for a run of seconds.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// The budgets of a layer: from a profile checked against the input, else calibrated
+/// on `calib` (the input itself, or the prefill part when decoding).
+fn budgets_for(
+    profile: Option<&Path>,
+    heads: &Heads,
+    calib: &Heads,
+    cfg: &Config,
+    layer: usize,
+) -> Result<(Profile, Vec<Budget>)> {
+    let profile = match profile {
+        Some(p) => {
+            let prof = Profile::load(p)?;
+            prof.check_fits(heads, cfg, layer)?;
+            prof
+        }
+        None => calibrate_layer_profile(calib, cfg, layer)?,
+    };
+    let budgets = profile.budgets(layer)?;
+    Ok((profile, budgets))
+}
+
+pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let (heads, cfg, layer) = a.input.load()?;
+    if a.out.exists() && !a.force {
+        return Err(TcaError::WouldOverwrite(a.out));
+    }
+    let prof = calibrate_layer_profile(&heads, &cfg, layer)?;
+    prof.save(&a.out, a.force)?;
+    println!("kv_head  m  mu      E[k]    retained  reached_tau  |S_G|");
+    for h in &prof.layers[0].heads {
+        println!(
+            "{:>7} {:>2}  {:.3}  {:>6.2}  {:.5}   {:<11}  {}",
+            h.kv_head, h.m, h.mu, h.expected_budget, h.retained, h.reached_tau, h.global_tokens
+        );
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Selection, audit and summary of one layer.
+fn audit_layer(
+    heads: &Heads,
+    cfg: &Config,
+    budgets: &[Budget],
+) -> Result<(Vec<crate::bound::QueryAudit>, Summary)> {
+    let sel = select(heads, cfg, budgets)?;
+    let audits = audit(heads, &sel)?;
+    let summary = summarize(&audits, cfg.tau);
+    Ok((audits, summary))
+}
+
+pub fn bound(a: BoundArgs) -> Result<()> {
+    let (heads, cfg, layer) = a.input.load()?;
+    for p in [a.out.join("queries.csv"), a.out.join("summary.json")] {
+        if p.exists() && !a.force {
+            return Err(TcaError::WouldOverwrite(p));
+        }
+    }
+    let (_, budgets) = budgets_for(a.profile.as_deref(), &heads, &heads, &cfg, layer)?;
+    let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
+    write_audit(&a.out, &audits, &summary, a.force)?;
+    print!("{}", verdict_table(&summary));
+    println!("wrote {}/queries.csv and summary.json", a.out.display());
+    Ok(())
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let spec = SynthSpec {
+        kind: a.kind,
+        q_heads: a.heads,
+        kv_heads: a.kv_heads,
+        len: a.len,
+        dim: a.dim,
+        seed: a.seed,
+    };
+    let s = make_synth(&spec)?;
+    let meta = HashMap::from([
+        ("generator".to_string(), "tca synth".to_string()),
+        ("kind".to_string(), a.kind.name().to_string()),
+        ("seed".to_string(), a.seed.to_string()),
+        ("needles".to_string(), format!("{:?}", s.needles)),
+    ]);
+    save_safetensors(&s.heads, &a.out, a.dtype, meta, a.force)?;
+    println!(
+        "wrote {} ({} q heads, {} kv heads, L = {}, d = {})",
+        a.out.display(),
+        a.heads,
+        a.kv_heads,
+        a.len,
+        a.dim
+    );
+    Ok(())
+}
+
+pub fn decode(a: DecodeArgs) -> Result<()> {
+    let (heads, cfg, layer) = a.input.load()?;
+    if a.steps == 0 || a.steps >= heads.len() {
+        return Err(TcaError::Invalid(format!(
+            "--steps must lie in [1, L - 1] = [1, {}]",
+            heads.len() - 1
+        )));
+    }
+    let prefill = heads.len() - a.steps;
+    let (_, budgets) = budgets_for(
+        a.profile.as_deref(),
+        &heads,
+        &heads.prefix(prefill)?,
+        &cfg,
+        layer,
+    )?;
+    let r = run_decode(&heads, &cfg, &budgets, prefill)?;
+    println!(
+        "prefill {} tokens, decoded {} steps (b = {}, w = {})",
+        r.prefill_len, r.steps, cfg.block_size, cfg.window
+    );
+    println!(
+        "kv_head  global  window  cache  peak  ceiling  keep/block  compactions  kv_bytes  vs_full"
+    );
+    for h in &r.heads {
+        println!(
+            "{:>7} {:>7} {:>7} {:>6} {:>5} {:>8} {:>11} {:>12} {:>9} {:>7.2}%",
+            h.kv_head,
+            h.global_tokens,
+            h.window_tokens,
+            h.global_tokens + h.window_tokens,
+            h.peak_tokens,
+            h.ceiling_tokens,
+            h.block_keep,
+            h.compactions,
+            h.kv_bytes,
+            100.0 * h.kv_bytes as f64 / r.full_kv_bytes as f64
+        );
+    }
+    let total: usize = r.heads.iter().map(|h| h.kv_bytes).sum();
+    let full = r.full_kv_bytes * r.heads.len();
+    println!(
+        "KV bytes (f64 K and V): TCA {} vs full attention {} ({:.2}%); positions held: {} bytes",
+        total,
+        full,
+        100.0 * total as f64 / full as f64,
+        r.heads.iter().map(|h| h.index_bytes).sum::<usize>()
+    );
+    println!(
+        "decode quality: mean gamma {:.3e}, max gamma {:.3e}, max relative output error {:.3e}",
+        r.mean_gamma, r.max_gamma, r.max_rel_err
+    );
+    Ok(())
+}
+
+/// Shape of the main job's synthetic layers: SmolLM2's attention (9 query heads, 3 KV
+/// heads, d = 64) at 2K tokens, or a small one with `--quick`.
+fn reproduce_spec(kind: HeadKind, quick: bool) -> SynthSpec {
+    let (q_heads, kv_heads, len, dim) = if quick {
+        (4, 2, 512, 32)
+    } else {
+        (9, 3, 2048, 64)
+    };
+    SynthSpec {
+        kind,
+        q_heads,
+        kv_heads,
+        len,
+        dim,
+        seed: 2512_09238 + kind as u64,
+    }
+}
+
+pub fn reproduce(a: ReproduceArgs) -> Result<()> {
+    let cfg = Config::from_toml_str(SYNTHETIC_CONFIG)?;
+    let mut rows = String::from("kind,reading,holds,violations,worst_ratio,mean_gamma,frac_gamma_above_1_minus_tau,mean_kept_fraction\n");
+    for kind in HeadKind::ALL {
+        let spec = reproduce_spec(kind, a.quick);
+        let heads = make_synth(&spec)?.heads;
+        let prof = calibrate_layer_profile(&heads, &cfg, 0)?;
+        let budgets = prof.budgets(0)?;
+        let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
+        let dir = a.out.join(kind.name());
+        write_audit(&dir, &audits, &summary, true)?;
+        prof.save(&dir.join("profile.json"), true)?;
+        println!(
+            "== {} head: Hq = {}, Hkv = {}, L = {}, d = {}, seed {}; tau = {}, b = {}, w = {}; E[k] per KV head {:?}",
+            kind.name(),
+            spec.q_heads,
+            spec.kv_heads,
+            spec.len,
+            spec.dim,
+            spec.seed,
+            cfg.tau,
+            cfg.block_size,
+            cfg.window,
+            prof.layers[0]
+                .heads
+                .iter()
+                .map(|h| (h.expected_budget * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
+        print!("{}", verdict_table(&summary));
+        for (key, r) in &summary.readings {
+            rows.push_str(&format!(
+                "{},{},{},{},{:e},{:e},{},{}\n",
+                kind.name(),
+                key,
+                r.holds,
+                r.violations,
+                r.worst_ratio,
+                summary.mean_gamma,
+                summary.frac_gamma_above_1_minus_tau,
+                summary.mean_kept_fraction
+            ));
+        }
+    }
+    let path = a.out.join("verdicts.csv");
+    crate::data::write_new(&path, rows.as_bytes(), true)?;
+    println!("wrote {} and one folder per head type", path.display());
+    Ok(())
+}

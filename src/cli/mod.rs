@@ -1,0 +1,39 @@
+//! The `tca` command line: each subcommand is a thin layer over the library.
+
+pub mod commands;
+pub mod report;
+
+use clap::{Parser, Subcommand};
+
+/// TCA-Attention reference harness.
+#[derive(Parser, Debug)]
+#[command(name = "tca", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Calibrate per-KV-head budgets on an input and write a profile (JSON).
+    Calibrate(commands::CalibrateArgs),
+    /// Check every reading of Theorem 1 on an input; write queries.csv and summary.json.
+    Bound(commands::BoundArgs),
+    /// Write a seeded synthetic layer as safetensors.
+    Synth(commands::SynthArgs),
+    /// Prefill with TCA, then decode the input's last tokens with the compacted cache.
+    Decode(commands::DecodeArgs),
+    /// The main job: calibrate and audit every synthetic head type (embedded defaults).
+    Reproduce(commands::ReproduceArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> crate::Result<()> {
+    match cli.command {
+        Command::Calibrate(a) => commands::calibrate(a),
+        Command::Bound(a) => commands::bound(a),
+        Command::Synth(a) => commands::synth(a),
+        Command::Decode(a) => commands::decode(a),
+        Command::Reproduce(a) => commands::reproduce(a),
+    }
+}

@@ -1,0 +1,251 @@
+//! Decoding with the compacted cache (SPEC section 3).
+//!
+//! After prefill the cache of a KV head holds S_G (keys, values, original positions) and
+//! the last w tokens (all of them when L <= w). Each new token is appended to the
+//! window; when the window holds w + b tokens (after prefill with L >= w: exactly when b
+//! tokens have been appended since the last compaction) its oldest b tokens form a block:
+//! they are scored by the current query's softmax over the cache (pooled over the group
+//! by `gqa_reduce`), the top t = floor(E_p[k]) of them move to the global part and the
+//! rest are dropped. A decode query attends to everything in its cache.
+
+use crate::config::Config;
+use crate::data::Heads;
+use crate::error::{Result, TcaError};
+use crate::reference::{causal_row, softmax_in_place, weighted_sum};
+use crate::selection::importance::pool;
+use crate::selection::{select, Budget};
+use ndarray::{Array1, ArrayView1};
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// Rows of keys and values (row-major [n, d]) with their original positions.
+#[derive(Clone, Debug, Default)]
+struct Part {
+    k: Vec<f64>,
+    v: Vec<f64>,
+    pos: Vec<usize>,
+}
+
+impl Part {
+    fn push(&mut self, k: ArrayView1<'_, f64>, v: ArrayView1<'_, f64>, pos: usize) {
+        self.k.extend(k.iter());
+        self.v.extend(v.iter());
+        self.pos.push(pos);
+    }
+}
+
+/// The cache of one KV head: a global part and the local window, each holding copies
+/// of its keys, values and original positions.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    d: usize,
+    global: Part,
+    window: Part,
+    /// Tokens kept from each compacted block.
+    pub block_keep: usize,
+    pub compactions: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.global.pos.len() + self.window.pos.len()
+    }
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Original positions held, global part first (ascending overall).
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.global.pos.iter().chain(&self.window.pos).copied()
+    }
+    pub fn global_len(&self) -> usize {
+        self.global.pos.len()
+    }
+    pub fn window_len(&self) -> usize {
+        self.window.pos.len()
+    }
+    /// Bytes of K and V held.
+    pub fn kv_bytes(&self) -> usize {
+        (self.global.k.len() + self.global.v.len() + self.window.k.len() + self.window.v.len())
+            * std::mem::size_of::<f64>()
+    }
+    /// Bytes of positions held.
+    pub fn index_bytes(&self) -> usize {
+        self.len() * std::mem::size_of::<usize>()
+    }
+
+    /// Softmax of `q` (scaled by `scale`) over the cache, and the output sum p_n v_n.
+    fn attend(&self, q: ArrayView1<'_, f64>, scale: f64) -> (Vec<f64>, Array1<f64>) {
+        let d = self.d;
+        let parts = [&self.global, &self.window];
+        let mut p: Vec<f64> = parts
+            .iter()
+            .flat_map(|part| part.k.chunks_exact(d))
+            .map(|k| ArrayView1::from(k).dot(&q) * scale)
+            .collect();
+        softmax_in_place(&mut p);
+        let mut o = Array1::zeros(d);
+        let values = parts.iter().flat_map(|part| part.v.chunks_exact(d));
+        for (v, pn) in values.zip(&p) {
+            o.scaled_add(*pn, &ArrayView1::from(v));
+        }
+        (p, o)
+    }
+
+    /// Moves the top `block_keep` of the window's oldest b tokens (by `score`, indexed
+    /// like the cache) into the global part and drops the rest.
+    fn compact(&mut self, b: usize, score: &[f64]) {
+        let (g, d) = (self.global_len(), self.d);
+        let mut idx: Vec<usize> = (0..b).collect();
+        idx.sort_by(|&x, &y| score[g + y].total_cmp(&score[g + x]).then(x.cmp(&y)));
+        idx.truncate(self.block_keep);
+        idx.sort_unstable();
+        for &n in &idx {
+            let (k, v) = (
+                &self.window.k[n * d..(n + 1) * d],
+                &self.window.v[n * d..(n + 1) * d],
+            );
+            let pos = self.window.pos[n];
+            self.global
+                .push(ArrayView1::from(k), ArrayView1::from(v), pos);
+        }
+        self.window.k.drain(..b * d);
+        self.window.v.drain(..b * d);
+        self.window.pos.drain(..b);
+        self.compactions += 1;
+    }
+}
+
+/// Cache statistics of one KV head after decoding.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeadCacheReport {
+    pub kv_head: usize,
+    pub global_tokens: usize,
+    pub window_tokens: usize,
+    /// Largest number of tokens the cache held at any step.
+    pub peak_tokens: usize,
+    /// |S_G| + w + b with S_G as it stands at the end (prefill's plus what compactions
+    /// added): the cache never holds more.
+    pub ceiling_tokens: usize,
+    /// Bytes of K and V held (f64).
+    pub kv_bytes: usize,
+    /// Bytes of the original positions held.
+    pub index_bytes: usize,
+    pub compactions: usize,
+    pub block_keep: usize,
+}
+
+/// What a decoding run did and how far it strayed from exact attention.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeReport {
+    pub prefill_len: usize,
+    pub steps: usize,
+    pub heads: Vec<HeadCacheReport>,
+    /// Tokens and K/V bytes a full cache holds per KV head at the end.
+    pub full_tokens: usize,
+    pub full_kv_bytes: usize,
+    pub mean_gamma: f64,
+    pub max_gamma: f64,
+    /// max over steps and query heads of ||O - O~||_2 / ||O||_2.
+    pub max_rel_err: f64,
+}
+
+/// Prefills on the first `prefill_len` tokens with TCA, then decodes the remaining
+/// L - prefill_len tokens one at a time, each against exact attention at its position.
+pub fn decode(
+    heads: &Heads,
+    cfg: &Config,
+    budgets: &[Budget],
+    prefill_len: usize,
+) -> Result<DecodeReport> {
+    if prefill_len == 0 || prefill_len >= heads.len() {
+        return Err(TcaError::Invalid(format!(
+            "decode needs 1 <= prefill length < L: prefill {prefill_len}, L = {}",
+            heads.len()
+        )));
+    }
+    let prefix = heads.prefix(prefill_len)?;
+    let sel = select(&prefix, cfg, budgets)?;
+    let per_head: Vec<(HeadCacheReport, Vec<(f64, f64)>)> = (0..heads.num_kv_heads())
+        .into_par_iter()
+        .map(|kv| {
+            let (k, v) = (heads.k(kv), heads.v(kv));
+            let mut cache = KvCache {
+                d: heads.dim(),
+                global: Part::default(),
+                window: Part::default(),
+                block_keep: budgets[kv].decode_budget(),
+                compactions: 0,
+            };
+            for &j in &sel.heads[kv].global {
+                cache.global.push(k.row(j), v.row(j), j);
+            }
+            for j in prefill_len.saturating_sub(cfg.window)..prefill_len {
+                cache.window.push(k.row(j), v.row(j), j);
+            }
+            let ceiling = cache.global_len() + cfg.window + cfg.block_size;
+            let mut peak = cache.len();
+            let mut added_global = 0;
+            let mut per_step = Vec::new();
+            for t in prefill_len..heads.len() {
+                cache.window.push(k.row(t), v.row(t), t);
+                peak = peak.max(cache.len());
+                let pos: Vec<usize> = cache.positions().collect();
+                let rows = heads.q_heads_of(kv).map(|h| {
+                    let (p, o_cache) = cache.attend(heads.q(h).row(t), heads.scale());
+                    per_step.push(compare(heads, h, t, &pos, &o_cache));
+                    p
+                });
+                let probs = pool(rows, heads.group(), cfg.gqa_reduce);
+                if cache.window_len() >= cfg.window + cfg.block_size {
+                    let before = cache.global_len();
+                    cache.compact(cfg.block_size, &probs);
+                    added_global += cache.global_len() - before;
+                }
+            }
+            let report = HeadCacheReport {
+                kv_head: kv,
+                global_tokens: cache.global_len(),
+                window_tokens: cache.window_len(),
+                peak_tokens: peak,
+                ceiling_tokens: ceiling + added_global,
+                kv_bytes: cache.kv_bytes(),
+                index_bytes: cache.index_bytes(),
+                compactions: cache.compactions,
+                block_keep: cache.block_keep,
+            };
+            (report, per_step)
+        })
+        .collect();
+    let errs: Vec<(f64, f64)> = per_head.iter().flat_map(|(_, e)| e.clone()).collect();
+    let n = errs.len().max(1) as f64;
+    Ok(DecodeReport {
+        prefill_len,
+        steps: heads.len() - prefill_len,
+        full_tokens: heads.len(),
+        full_kv_bytes: heads.len() * 2 * heads.dim() * std::mem::size_of::<f64>(),
+        mean_gamma: errs.iter().map(|e| e.0).sum::<f64>() / n,
+        max_gamma: errs.iter().map(|e| e.0).fold(0.0, f64::max),
+        max_rel_err: errs.iter().map(|e| e.1).fold(0.0, f64::max),
+        heads: per_head.into_iter().map(|(r, _)| r).collect(),
+    })
+}
+
+/// (gamma, ||O - O~||_2 / ||O||_2) of decode query t of query head h, whose cache holds
+/// positions `pos` and gave output `o_cache`.
+fn compare(heads: &Heads, h: usize, t: usize, pos: &[usize], o_cache: &Array1<f64>) -> (f64, f64) {
+    let (full, _) = causal_row(heads, h, t);
+    let o = weighted_sum(heads.v(heads.kv_of(h)), 0..=t, &full);
+    let mut cached = vec![false; t + 1];
+    pos.iter().for_each(|&j| cached[j] = true);
+    let gamma: f64 = full
+        .iter()
+        .zip(&cached)
+        .filter(|(_, c)| !**c)
+        .map(|(p, _)| p)
+        .sum();
+    let diff = &o - o_cache;
+    let rel = diff.dot(&diff).sqrt() / o.dot(&o).sqrt().max(f64::MIN_POSITIVE);
+    (gamma, rel)
+}

@@ -1,0 +1,13 @@
+//! Online core-context selection and sparse attention (SPEC section 1), plus the peer
+//! selection policies of SPEC section 5.
+
+pub mod blocks;
+pub mod budget;
+pub mod importance;
+pub mod select;
+pub mod sparse;
+
+pub use budget::{candidates, Budget, Candidate};
+pub use importance::importance;
+pub use select::{key_set, select, window_start, HeadRanking, HeadSelection, Selection};
+pub use sparse::{sparse_attention, sparse_row};
