@@ -9,7 +9,9 @@ fn main() -> ExitCode {
         Some("compute_80") => "compute_80",
         _ => "compute_90",
     };
-    let include: Vec<String> = std::env::var("TCA_CUDA_INCLUDE").map(|s| vec![s]).unwrap_or_default();
+    let include: Vec<String> = std::env::var("TCA_CUDA_INCLUDE")
+        .map(|s| vec![s])
+        .unwrap_or_default();
     match tca::cuda::compile_all(arch, &include) {
         Ok(ptx) => {
             for (name, p) in &ptx {

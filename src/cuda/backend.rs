@@ -28,14 +28,17 @@ pub fn budget_table(budgets: &[Budget], nb: usize) -> Vec<i32> {
 /// The kernels' parameters for `cfg` and one budget per KV head. The GPU path supports
 /// `importance_queries = 1` (the paper's setting) only.
 pub fn select_params(len: usize, cfg: &Config, budgets: &[Budget]) -> GpuResult<SelectParams> {
-    cfg.validate().map_err(|e| GpuError::Invalid(e.to_string()))?;
+    cfg.validate()
+        .map_err(|e| GpuError::Invalid(e.to_string()))?;
     if cfg.importance_queries != 1 {
         return Err(GpuError::Invalid(
             "the GPU selection implements importance_queries = 1 only".into(),
         ));
     }
     if budgets.iter().any(|b| b.block_size() != cfg.block_size) {
-        return Err(GpuError::Invalid("a budget's b differs from block_size".into()));
+        return Err(GpuError::Invalid(
+            "a budget's b differs from block_size".into(),
+        ));
     }
     let nb = SelectParams::num_blocks(len, cfg.window, cfg.block_size);
     Ok(SelectParams {
@@ -53,8 +56,11 @@ pub fn attention_to_host(gpu: &Gpu, h: &DevHeads, a: &DevAttention) -> GpuResult
     let o = gpu.download(&a.o)?;
     let lse = gpu.download(&a.lse)?;
     Ok(Attention {
-        o: Array3::from_shape_vec((h.hq, h.len, h.dim), o.iter().map(|&x| bf16_to_f32(x) as f64).collect())
-            .map_err(|e| GpuError::Invalid(e.to_string()))?,
+        o: Array3::from_shape_vec(
+            (h.hq, h.len, h.dim),
+            o.iter().map(|&x| bf16_to_f32(x) as f64).collect(),
+        )
+        .map_err(|e| GpuError::Invalid(e.to_string()))?,
         lse: Array2::from_shape_vec((h.hq, h.len), lse.iter().map(|&x| x as f64).collect())
             .map_err(|e| GpuError::Invalid(e.to_string()))?,
     })
@@ -71,7 +77,12 @@ impl GpuBackend {
         Ok(GpuBackend { gpu: Gpu::new()? })
     }
 
-    fn prepare(&self, heads: &Heads, cfg: &Config, budgets: &[Budget]) -> GpuResult<(DevHeads, DevSelection)> {
+    fn prepare(
+        &self,
+        heads: &Heads,
+        cfg: &Config,
+        budgets: &[Budget],
+    ) -> GpuResult<(DevHeads, DevSelection)> {
         let h = DevHeads::from_heads(&self.gpu, heads)?;
         let p = select_params(heads.len(), cfg, budgets)?;
         let mut sel = DevSelection::new(&self.gpu, &h, &p)?;
@@ -80,7 +91,12 @@ impl GpuBackend {
     }
 
     /// SPEC 1.1-1.6 on the GPU: S_G per KV head.
-    pub fn select(&self, heads: &Heads, cfg: &Config, budgets: &[Budget]) -> GpuResult<HostSelection> {
+    pub fn select(
+        &self,
+        heads: &Heads,
+        cfg: &Config,
+        budgets: &[Budget],
+    ) -> GpuResult<HostSelection> {
         let (h, sel) = self.prepare(heads, cfg, budgets)?;
         self.gpu.sync()?;
         download_selection(&self.gpu, &h, &sel)
@@ -98,7 +114,10 @@ impl GpuBackend {
         out.poison(&self.gpu)?;
         prefill::run_sparse(&self.gpu, &h, &sel, &mut out)?;
         self.gpu.sync()?;
-        Ok((download_selection(&self.gpu, &h, &sel)?, attention_to_host(&self.gpu, &h, &out)?))
+        Ok((
+            download_selection(&self.gpu, &h, &sel)?,
+            attention_to_host(&self.gpu, &h, &out)?,
+        ))
     }
 
     /// Dense causal attention (bf16, f32 accumulation) with its log-sum-exp.
@@ -113,9 +132,19 @@ impl GpuBackend {
 
     /// Decode of the last query q_{L-1} over the compacted cache (S_G and the last w
     /// tokens): O [Hq, 1, d] and lse [Hq, 1]. With `dense`, over all L keys instead.
-    pub fn decode(&self, heads: &Heads, cfg: &Config, budgets: &[Budget], dense: bool) -> GpuResult<Attention> {
+    pub fn decode(
+        &self,
+        heads: &Heads,
+        cfg: &Config,
+        budgets: &[Budget],
+        dense: bool,
+    ) -> GpuResult<Attention> {
         let (h, sel) = self.prepare(heads, cfg, budgets)?;
-        let mut out = DevDecode::new(&self.gpu, &h, if dense { h.len } else { sel.gcap + sel.window })?;
+        let mut out = DevDecode::new(
+            &self.gpu,
+            &h,
+            if dense { h.len } else { sel.gcap + sel.window },
+        )?;
         out.poison(&self.gpu)?;
         if dense {
             decode::run_dense(&self.gpu, &h, &mut out)?;

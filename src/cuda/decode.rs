@@ -57,7 +57,12 @@ impl DevDecode {
 }
 
 /// Decode over the compacted cache: S_G (count on the device) then the window.
-pub fn run_sparse(gpu: &Gpu, h: &DevHeads, sel: &DevSelection, out: &mut DevDecode) -> GpuResult<()> {
+pub fn run_sparse(
+    gpu: &Gpu,
+    h: &DevHeads,
+    sel: &DevSelection,
+    out: &mut DevDecode,
+) -> GpuResult<()> {
     let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
     let qd = h.q.slice((h.len - 1) * h.dim..);
     let qs = (h.len * h.dim) as i64;

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod f32path;
 pub mod prefill;
 pub mod selection;
+pub mod synth;
 
 pub use backend::{GpuAttention, GpuSelectionResult};
 
@@ -25,8 +26,14 @@ use std::sync::Arc;
 
 /// The kernel sources, compiled at run time (name, text).
 pub const SOURCES: &[(&str, &str)] = &[
-    ("attention_bf16", include_str!("../../kernels/attention_bf16.cu")),
-    ("attention_f32", include_str!("../../kernels/attention_f32.cu")),
+    (
+        "attention_bf16",
+        include_str!("../../kernels/attention_bf16.cu"),
+    ),
+    (
+        "attention_f32",
+        include_str!("../../kernels/attention_f32.cu"),
+    ),
     ("selection", include_str!("../../kernels/selection.cu")),
     ("decode", include_str!("../../kernels/decode.cu")),
 ];
@@ -67,7 +74,7 @@ impl<T> Ctx<T> for std::result::Result<T, DriverError> {
 /// Compiles every kernel source to PTX for `arch` (e.g. "compute_90"). `include` is a
 /// list of include directories (none is needed by the current kernels).
 pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'static str, Ptx)>> {
-    let load = std::panic::catch_unwind(|| {
+    let load = quiet_catch(|| {
         SOURCES
             .iter()
             .map(|(name, src)| {
@@ -98,9 +105,19 @@ pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'s
     })
 }
 
+/// Runs `f`, turning a panic (cudarc panics when a CUDA library cannot be loaded) into
+/// an error without printing it.
+fn quiet_catch<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r
+}
+
 /// Number of CUDA devices, 0 when the driver library is missing or reports none.
 pub fn device_count() -> usize {
-    std::panic::catch_unwind(CudaContext::device_count)
+    quiet_catch(CudaContext::device_count)
         .ok()
         .and_then(|r| r.ok())
         .map(|n| n.max(0) as usize)
@@ -249,7 +266,9 @@ impl DevHeads {
         v: &[u16],
     ) -> GpuResult<Self> {
         if q.len() != hq * len * dim || k.len() != hkv * len * dim || v.len() != k.len() {
-            return Err(GpuError::Invalid("Q/K/V sizes do not match the shape".into()));
+            return Err(GpuError::Invalid(
+                "Q/K/V sizes do not match the shape".into(),
+            ));
         }
         if !DIMS.contains(&dim) || hq % hkv != 0 || !GROUPS.contains(&(hq / hkv)) {
             return Err(GpuError::Invalid(format!(
@@ -270,10 +289,16 @@ impl DevHeads {
     /// Uploads f64 heads rounded to bf16.
     pub fn from_heads(gpu: &Gpu, heads: &crate::Heads) -> GpuResult<Self> {
         let (q, k, v) = heads.tensors();
-        let cv = |a: &ndarray::Array3<f64>| a.iter().map(|&x| f32_to_bf16(x as f32)).collect::<Vec<_>>();
+        let cv =
+            |a: &ndarray::Array3<f64>| a.iter().map(|&x| f32_to_bf16(x as f32)).collect::<Vec<_>>();
         Self::from_bf16(
             gpu,
-            (heads.num_q_heads(), heads.num_kv_heads(), heads.len(), heads.dim()),
+            (
+                heads.num_q_heads(),
+                heads.num_kv_heads(),
+                heads.len(),
+                heads.dim(),
+            ),
             &cv(q),
             &cv(k),
             &cv(v),

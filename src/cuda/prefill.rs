@@ -3,8 +3,8 @@
 
 use super::selection::DevSelection;
 use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
-use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
 /// Query rows per CTA and keys per tile of the kernel.
 pub const BM: usize = 64;
@@ -47,9 +47,20 @@ fn kernel(gpu: &Gpu, d: usize) -> GpuResult<CudaFunction> {
 
 /// TCA sparse prefill: query i attends to S_G's keys at positions <= i - w (read from
 /// the compacted cache) and to its window [max(0, i - w + 1), i].
-pub fn run_sparse(gpu: &Gpu, h: &DevHeads, sel: &DevSelection, out: &mut DevAttention) -> GpuResult<()> {
+pub fn run_sparse(
+    gpu: &Gpu,
+    h: &DevHeads,
+    sel: &DevSelection,
+    out: &mut DevAttention,
+) -> GpuResult<()> {
     let f = kernel(gpu, h.dim)?;
-    let (gcap, l, hq, hkv, w) = (sel.gcap as i32, h.len as i32, h.hq as i32, h.hkv as i32, sel.window as i32);
+    let (gcap, l, hq, hkv, w) = (
+        sel.gcap as i32,
+        h.len as i32,
+        h.hq as i32,
+        h.hkv as i32,
+        sel.window as i32,
+    );
     let sl2 = h.scale_log2();
     unsafe {
         gpu.stream

@@ -83,7 +83,12 @@ impl DevSelection {
         }
         let lc = l - p.window;
         let gcap = (0..hkv)
-            .map(|kv| p.table[kv * nb..(kv + 1) * nb].iter().map(|&t| t as usize).sum::<usize>())
+            .map(|kv| {
+                p.table[kv * nb..(kv + 1) * nb]
+                    .iter()
+                    .map(|&t| t as usize)
+                    .sum::<usize>()
+            })
             .max()
             .unwrap_or(0)
             .clamp(1, lc);
@@ -177,7 +182,12 @@ pub fn run_select(
     rec(1)?;
     // Redundancy.
     let bt = (sel.block.div_ceil(32) * 32) as u32;
-    let (lc, b, gi, rmax) = (sel.lc as i32, sel.block as i32, g as i32, sel.reduce_max as i32);
+    let (lc, b, gi, rmax) = (
+        sel.lc as i32,
+        sel.block as i32,
+        g as i32,
+        sel.reduce_max as i32,
+    );
     let f = gpu.func("tca_redundancy")?;
     unsafe {
         st.launch_builder(&f)
@@ -299,9 +309,12 @@ pub fn download_selection(gpu: &Gpu, h: &DevHeads, sel: &DevSelection) -> GpuRes
                 .map(|&p| p as usize)
                 .collect(),
         );
-        out.importance.push(s[kv * sel.lc..(kv + 1) * sel.lc].to_vec());
-        out.budgets.push(bud[kv * sel.nb..(kv + 1) * sel.nb].to_vec());
-        out.ranks.push(rank[kv * sel.nb..(kv + 1) * sel.nb].to_vec());
+        out.importance
+            .push(s[kv * sel.lc..(kv + 1) * sel.lc].to_vec());
+        out.budgets
+            .push(bud[kv * sel.nb..(kv + 1) * sel.nb].to_vec());
+        out.ranks
+            .push(rank[kv * sel.nb..(kv + 1) * sel.nb].to_vec());
     }
     Ok(out)
 }
