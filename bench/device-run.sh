@@ -14,19 +14,19 @@ export TCA_CUDA_INCLUDE=/usr/local/cuda/include
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   echo "== correctness (f64 oracle) =="
-  "$BIN" --out "$OUT" --check-only; echo "check rc=$?"
+  timeout 100 "$BIN" --out "$OUT" --check-only; echo "check rc=$?"
   if command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer memcheck (mha-small, smol-small) =="
-    compute-sanitizer --tool memcheck --print-limit 20 "$BIN" --out /tmp/san1 --check-only --cases mha-small,smol-small 2>&1 | tail -8
+    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 "$BIN" --out /tmp/san1 --check-only --cases mha-small,smol-small 2>&1 | tail -8
     echo "== compute-sanitizer racecheck (mha-small) =="
-    compute-sanitizer --tool racecheck --print-limit 20 "$BIN" --out /tmp/san2 --check-only --cases mha-small 2>&1 | tail -8
+    timeout 60 compute-sanitizer --tool racecheck --print-limit 20 "$BIN" --out /tmp/san2 --check-only --cases mha-small 2>&1 | tail -8
   else
     echo "compute-sanitizer not found"
   fi
   echo "== bench =="
-  "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS"; echo "bench rc=$?"
+  timeout 240 "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS"; echo "bench rc=$?"
   echo "== PyTorch SDPA baseline =="
-  PYTHONUNBUFFERED=1 python3 "$HERE/bench/sdpa_baseline.py" --out "$OUT/sdpa.csv" --lens "$LENS"
+  PYTHONUNBUFFERED=1 timeout 110 python3 "$HERE/bench/sdpa_baseline.py" --out "$OUT/sdpa.csv" --lens "$LENS"
 } 2>&1 | tee "$OUT/log.txt" | grep -v "^\s*\[ok\]" | tail -c 6000
 echo "== summary =="
 python3 "$HERE/bench/summarize.py" "$OUT/bench.csv" "$OUT/sdpa.csv" "$OUT/summary.md"

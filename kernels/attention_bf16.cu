@@ -10,14 +10,16 @@
 //
 // Layout: Q [Hq, L, D], K and V [Hkv, L, D], compacted GK, GV [Hkv, gcap, D] with
 // positions gpos [Hkv, gcap] (ascending) and counts gcount [Hkv]; bf16 as uint16.
-// CTA = 4 warps = 64 query rows of one query head; key tiles of 64 rows, double
-// buffered in shared memory with cp.async. Query head h reads KV head h / (Hq / Hkv).
+// CTA = 4 warps = 64 query rows of one query head; key tiles of 64 rows, multi-
+// buffered (NS stages) in shared memory with cp.async. Query head h reads KV head
+// h / (Hq / Hkv).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
 
 #define BM 64
 #define BN 64
+#define NS 3  // pipeline stages (cp.async)
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -28,7 +30,7 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_stages() { asm volatile("cp.async.wait_group %0;\n" ::"n"(NS - 1)); }
 __device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
@@ -67,9 +69,9 @@ __device__ __forceinline__ void prefill_body(const u16* __restrict__ Q, const u1
                                              int Hq, int Hkv, int window, float scale_log2) {
     constexpr int STR = D + 8;  // padded row stride (bf16): conflict-free ldmatrix
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    u16* sK = reinterpret_cast<u16*>(smem_raw);      // [2][BN][STR]
-    u16* sV = sK + 2 * BN * STR;                     // [2][BN][STR]
-    int* sPos = reinterpret_cast<int*>(sV + 2 * BN * STR);  // [2][BN]
+    u16* sK = reinterpret_cast<u16*>(smem_raw);             // [NS][BN][STR]
+    u16* sV = sK + NS * BN * STR;                           // [NS][BN][STR]
+    int* sPos = reinterpret_cast<int*>(sV + NS * BN * STR);  // [NS][BN]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = lane >> 2, tig = lane & 3;
@@ -169,14 +171,17 @@ __device__ __forceinline__ void prefill_body(const u16* __restrict__ Q, const u1
         }
     };
 
-    if (T > 0) load_tile(0, 0);
-    cp_async_commit();
+#pragma unroll
+    for (int s0 = 0; s0 < NS - 1; s0++) {
+        if (s0 < T) load_tile(s0, s0);
+        cp_async_commit();
+    }
 
     for (int t = 0; t < T; t++) {
-        const int stage = t & 1;
-        if (t + 1 < T) load_tile(t + 1, stage ^ 1);
+        const int stage = t % NS;
+        if (t + NS - 1 < T) load_tile(t + NS - 1, (t + NS - 1) % NS);
         cp_async_commit();
-        cp_async_wait1();
+        cp_async_wait_stages();
         __syncthreads();
 
         const u16* cK = sK + stage * BN * STR;

@@ -2,15 +2,16 @@
 // per KV head: part A (the compacted global keys S_G: rows [0, nA) of A, count from
 // device memory when countA != nullptr) and part B (the window: rows [0, nB) of B).
 // Dense decode passes the full K, V as part A and nB = 0.
-// Split over KV: CTA (split s, KV head kv) takes keys [s * KC, (s + 1) * KC) of the
-// concatenated range and reads each key and value row once for all G query heads of
-// the group (GQA). Partials (m, l in log2 units; unnormalised o) are merged by
+// Split over KV: CTA (split s, KV head kv; 256 threads) takes keys [s * KC, (s + 1) * KC)
+// of the concatenated range and reads each key and value row once for all G query heads
+// of the group (GQA); every thread issues all its 16-byte K and V loads up front. Partials (m, l in log2 units; unnormalised o) are merged by
 // tca_decode_combine, which writes O (f32) and the log-sum-exp (natural log).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
 #define NEG_INF (-__int_as_float(0x7f800000))
-#define KC 256
+#define KC 128
+#define NT 256
 
 __device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
 
@@ -22,12 +23,12 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
                                             const u16* __restrict__ VB, int nB, long long strideB,
                                             float* __restrict__ part_o, float* __restrict__ part_ml,
                                             float scale_log2) {
-    constexpr int LPK = D / 8;
-    constexpr int KPI = 128 / LPK;  // keys per CTA iteration
-    constexpr int NG = 128 / LPK;   // key groups in the CTA
+    constexpr int LPK = D / 8;        // lanes per row (16 bytes each)
+    constexpr int SLOTS = NT / LPK;   // rows in flight per CTA step
+    constexpr int NI = KC / SLOTS;    // rows per thread
+    constexpr int NW = NT / 32;
     __shared__ float sc[G][KC];
-    __shared__ float red[NG][G][D + 1];
-    __shared__ float wred[4][G];
+    __shared__ float red[NW][G][D];
     __shared__ float sm[G], sl[G];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
@@ -35,11 +36,30 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
     const int nA = countA ? countA[kv] : nA_const;
     const int n = nA + nB;
     const int k0 = split * KC, k1 = min(n, k0 + KC);
+    const int cnt = k1 - k0;
+    if (cnt <= 0) {  // CTA-uniform
+        for (int idx = tid; idx < G * D; idx += NT)
+            part_o[(((size_t)(kv * G + idx / D)) * nsplit + split) * D + idx % D] = 0.f;
+        if (tid < G) {
+            const size_t o = ((size_t)(kv * G + tid) * nsplit + split) * 2;
+            part_ml[o] = NEG_INF;
+            part_ml[o + 1] = 0.f;
+        }
+        return;
+    }
     const u16* Ka = KA + (size_t)kv * strideA * D;
     const u16* Va = VA + (size_t)kv * strideA * D;
     const u16* Kb = KB ? KB + (size_t)kv * strideB * D : nullptr;
     const u16* Vb = VB ? VB + (size_t)kv * strideB * D : nullptr;
 
+    uint4 kr[NI], vr[NI];
+#pragma unroll
+    for (int i = 0; i < NI; i++) {
+        const int kc = k0 + min(slot + i * SLOTS, cnt - 1);
+        const size_t off = (kc < nA ? (size_t)kc : (size_t)(kc - nA)) * D + sub * 8;
+        kr[i] = *reinterpret_cast<const uint4*>((kc < nA ? Ka : Kb) + off);
+        vr[i] = *reinterpret_cast<const uint4*>((kc < nA ? Va : Vb) + off);
+    }
     float q[G][8];
 #pragma unroll
     for (int gi = 0; gi < G; gi++) {
@@ -48,18 +68,14 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
 #pragma unroll
         for (int t = 0; t < 8; t++) q[gi][t] = bf2f(e[t]) * scale_log2;
     }
-
-    // Pass 1: scores into shared memory.
-#pragma unroll 4
-    for (int kb = k0; kb < k1; kb += KPI) {
-        const int k = kb + slot;
-        const int kc = min(k, k1 - 1);
-        const u16* row = kc < nA ? Ka + (size_t)kc * D : Kb + (size_t)(kc - nA) * D;
-        uint4 u = *reinterpret_cast<const uint4*>(row + sub * 8);
-        const u16* e = reinterpret_cast<const u16*>(&u);
+    // Scores.
+#pragma unroll
+    for (int i = 0; i < NI; i++) {
+        const u16* e = reinterpret_cast<const u16*>(&kr[i]);
         float kf[8];
 #pragma unroll
         for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
+        const int kl = slot + i * SLOTS;
 #pragma unroll
         for (int gi = 0; gi < G; gi++) {
             float acc = 0.f;
@@ -67,69 +83,72 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
             for (int t = 0; t < 8; t++) acc = fmaf(q[gi][t], kf[t], acc);
 #pragma unroll
             for (int off = LPK / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
-            if (sub == 0 && k < k1) sc[gi][k - k0] = acc;
+            if (sub == 0 && kl < cnt) sc[gi][kl] = acc;
         }
     }
     __syncthreads();
-    const int cnt = k1 - k0;  // may be <= 0 for trailing splits
-    // Max and sum per head.
-#pragma unroll
-    for (int gi = 0; gi < G; gi++) {
-        float v = NEG_INF;
-        for (int i = tid; i < cnt; i += 128) v = fmaxf(v, sc[gi][i]);
-        for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, off));
-        if (lane == 0) wred[warp][gi] = v;
-    }
-    __syncthreads();
-    if (tid < G) sm[tid] = fmaxf(fmaxf(wred[0][tid], wred[1][tid]), fmaxf(wred[2][tid], wred[3][tid]));
-    __syncthreads();
-#pragma unroll
-    for (int gi = 0; gi < G; gi++) {
-        const float mu = sm[gi] == NEG_INF ? 0.f : sm[gi];
-        float v = 0.f;
-        for (int i = tid; i < cnt; i += 128) {
-            const float p = exp2f(sc[gi][i] - mu);
+    // Max and sum per head: warp gi handles head gi (G <= 8 warps).
+    for (int gi = warp; gi < G; gi += NW) {
+        float m = NEG_INF;
+        for (int i = lane; i < cnt; i += 32) m = fmaxf(m, sc[gi][i]);
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+        float l = 0.f;
+        for (int i = lane; i < cnt; i += 32) {
+            const float p = exp2f(sc[gi][i] - m);
             sc[gi][i] = p;
-            v += p;
+            l += p;
         }
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (lane == 0) wred[warp][gi] = v;
+        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
+        if (lane == 0) {
+            sm[gi] = m;
+            sl[gi] = l;
+        }
     }
     __syncthreads();
-    if (tid < G) sl[tid] = wred[0][tid] + wred[1][tid] + wred[2][tid] + wred[3][tid];
-
-    // Pass 2: o[g][dims of this lane] += p * v over the keys of this key group.
+    // o[g][dims of this lane] += p * v.
     float acc[G][8];
 #pragma unroll
     for (int gi = 0; gi < G; gi++)
 #pragma unroll
         for (int t = 0; t < 8; t++) acc[gi][t] = 0.f;
-#pragma unroll 4
-    for (int i = slot; i < cnt; i += NG) {
-        const int k = k0 + i;
-        const u16* row = k < nA ? Va + (size_t)k * D : Vb + (size_t)(k - nA) * D;
-        uint4 u = *reinterpret_cast<const uint4*>(row + sub * 8);
-        const u16* e = reinterpret_cast<const u16*>(&u);
-        float vf[8];
 #pragma unroll
-        for (int t = 0; t < 8; t++) vf[t] = bf2f(e[t]);
+    for (int i = 0; i < NI; i++) {
+        const int kl = slot + i * SLOTS;
+        if (kl < cnt) {
+            const u16* e = reinterpret_cast<const u16*>(&vr[i]);
+            float vf[8];
 #pragma unroll
-        for (int gi = 0; gi < G; gi++) {
-            const float p = sc[gi][i];
+            for (int t = 0; t < 8; t++) vf[t] = bf2f(e[t]);
 #pragma unroll
-            for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+            for (int gi = 0; gi < G; gi++) {
+                const float p = sc[gi][kl];
+#pragma unroll
+                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+            }
         }
     }
+    // Reduce over the row slots of the warp, then over the warps.
 #pragma unroll
     for (int gi = 0; gi < G; gi++)
 #pragma unroll
-        for (int t = 0; t < 8; t++) red[slot][gi][sub * 8 + t] = acc[gi][t];
+        for (int t = 0; t < 8; t++) {
+            float x = acc[gi][t];
+#pragma unroll
+            for (int off = LPK; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffff, x, off);
+            acc[gi][t] = x;
+        }
+    if (lane < LPK) {
+#pragma unroll
+        for (int gi = 0; gi < G; gi++)
+#pragma unroll
+            for (int t = 0; t < 8; t++) red[warp][gi][sub * 8 + t] = acc[gi][t];
+    }
     __syncthreads();
-    for (int idx = tid; idx < G * D; idx += 128) {
+    for (int idx = tid; idx < G * D; idx += NT) {
         const int gi = idx / D, dd = idx % D;
         float v = 0.f;
 #pragma unroll
-        for (int s = 0; s < NG; s++) v += red[s][gi][dd];
+        for (int w = 0; w < NW; w++) v += red[w][gi][dd];
         part_o[(((size_t)(kv * G + gi)) * nsplit + split) * D + dd] = v;
     }
     if (tid < G) {
@@ -140,7 +159,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
 }
 
 #define DECODE(D, G)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) tca_decode_d##D##_g##G(                   \
+    extern "C" __global__ void __launch_bounds__(NT) tca_decode_d##D##_g##G(                    \
         const u16* Qd, long long q_stride, const u16* KA, const u16* VA, const int* countA,     \
         int nA_const, long long strideA, const u16* KB, const u16* VB, int nB, long long strideB, \
         float* part_o, float* part_ml, float sl2) {                                             \
@@ -150,20 +169,47 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
 DECODE(64, 1) DECODE(64, 2) DECODE(64, 3) DECODE(64, 4) DECODE(64, 8)
 DECODE(128, 1) DECODE(128, 2) DECODE(128, 3) DECODE(128, 4) DECODE(128, 8)
 
-// grid Hq, blockDim D: merge the splits of one query head.
-extern "C" __global__ void tca_decode_combine(const float* part_o, const float* part_ml, float* O,
-                                              float* lse, int nsplit, int D) {
-    const int h = blockIdx.x, d = threadIdx.x;
+// grid Hq, 256 threads: merge the splits of one query head. Thread (part, d) sums the
+// splits part, part + P, ... (P = 256 / D), then the parts are added in shared memory.
+extern "C" __global__ void __launch_bounds__(256) tca_decode_combine(const float* part_o,
+                                                                     const float* part_ml, float* O,
+                                                                     float* lse, int nsplit, int D) {
+    __shared__ float sh[256];
+    __shared__ float so[256];
+    const int h = blockIdx.x, tid = threadIdx.x;
     const float* ml = part_ml + (size_t)h * nsplit * 2;
     float M = NEG_INF;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, ml[2 * s]);
-    float l = 0.f, o = 0.f;
-    for (int s = 0; s < nsplit; s++) {
-        if (ml[2 * s] == NEG_INF) continue;
-        const float w = exp2f(ml[2 * s] - M);
-        l += w * ml[2 * s + 1];
-        o += w * part_o[((size_t)h * nsplit + s) * D + d];
+    for (int s = tid; s < nsplit; s += 256) M = fmaxf(M, ml[2 * s]);
+    sh[tid] = M;
+    __syncthreads();
+    for (int off = 128; off > 0; off >>= 1) {
+        if (tid < off) sh[tid] = fmaxf(sh[tid], sh[tid + off]);
+        __syncthreads();
     }
-    O[(size_t)h * D + d] = o / l;
-    if (d == 0) lse[h] = M * 0.69314718055994531f + logf(l);
+    M = sh[0];
+    __syncthreads();
+    const int P = 256 / D;
+    const int d = tid % D, part = tid / D;
+    float l = 0.f, o = 0.f;
+    if (part < P) {
+        for (int s = part; s < nsplit; s += P) {
+            const float m = ml[2 * s];
+            if (m == NEG_INF) continue;
+            const float w = exp2f(m - M);
+            l += w * ml[2 * s + 1];
+            o += w * part_o[((size_t)h * nsplit + s) * D + d];
+        }
+    }
+    so[tid] = o;
+    sh[tid] = l;
+    __syncthreads();
+    if (tid < D) {
+        float ot = 0.f, lt = 0.f;
+        for (int p = 0; p < P; p++) {
+            ot += so[p * D + tid];
+            lt += sh[p * D + tid];
+        }
+        O[(size_t)h * D + tid] = ot / lt;
+        if (tid == 0) lse[h] = M * 0.69314718055994531f + logf(lt);
+    }
 }

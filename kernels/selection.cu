@@ -128,26 +128,53 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
 }
 
 // grid (nb, Hkv), blockDim = b rounded up to a multiple of 32 (<= 1024).
-extern "C" __global__ void tca_redundancy(const float* X, const float* hstats, float* S, float* mblk,
-                                          float* cblk, int L, int Lc, int b, int G, int reduce_max) {
+// Works in block-relative scale so that nothing underflows: with l_hj = x_hj - M_h -
+// log2 Z_h (log2 of head h's softmax probability) and B = max over the block and the
+// group of l_hj, u_j = reduce_h 2^(l_hj - B) (mean or max) so s_j = 2^B u_j. Then
+// c = 1 - sum u^2 / (sum u)^2 (scale-free) and m = 2^B sum u. U (written for the
+// per-block top-t, which only compares within a block) holds u; S holds s itself.
+extern "C" __global__ void tca_redundancy(const float* X, const float* hstats, float* S, float* U,
+                                          float* mblk, float* cblk, int L, int Lc, int b, int G,
+                                          int reduce_max) {
     __shared__ float sh[32];
     const int blk = blockIdx.x, kv = blockIdx.y, nb = gridDim.x, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5, nw = (blockDim.x + 31) >> 5;
     const int j = blk * b + tid;
-    float s = 0.f;
-    if (tid < b && j < Lc) {
-        for (int gi = 0; gi < G; gi++) {
-            const int h = kv * G + gi;
-            const float p = exp2f(X[(size_t)h * L + j] - hstats[2 * h]) / hstats[2 * h + 1];
+    const bool valid = tid < b && j < Lc;
+    float lh[8];
+    float lmax = NEG_INF;
+    for (int gi = 0; gi < G && gi < 8; gi++) {
+        const int h = kv * G + gi;
+        lh[gi] = valid ? X[(size_t)h * L + j] - hstats[2 * h] - log2f(hstats[2 * h + 1]) : NEG_INF;
+        lmax = fmaxf(lmax, lh[gi]);
+    }
+    // Block max B.
+    float v = lmax;
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, off));
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float B = NEG_INF;
+    for (int w = 0; w < nw; w++) B = fmaxf(B, sh[w]);
+    float u = 0.f, s = 0.f;
+    if (valid) {
+        for (int gi = 0; gi < G && gi < 8; gi++) {
+            const float e = exp2f(lh[gi] - B);
+            const float p = exp2f(lh[gi]);
+            u = reduce_max ? fmaxf(u, e) : u + e;
             s = reduce_max ? fmaxf(s, p) : s + p;
         }
-        if (!reduce_max) s /= (float)G;
+        if (!reduce_max) {
+            u /= (float)G;
+            s /= (float)G;
+        }
         S[(size_t)kv * Lc + j] = s;
+        U[(size_t)kv * Lc + j] = u;
     }
-    const float m = block_sum(s, sh);
-    const float q = block_sum(s * s, sh);
+    const float su = block_sum(u, sh);
+    const float sq = block_sum(u * u, sh);
     if (tid == 0) {
-        mblk[(size_t)kv * nb + blk] = m;
-        cblk[(size_t)kv * nb + blk] = m > 0.f ? 1.f - q / (m * m) : 0.f;
+        mblk[(size_t)kv * nb + blk] = su > 0.f ? exp2f(B) * su : 0.f;
+        cblk[(size_t)kv * nb + blk] = su > 0.f ? 1.f - sq / (su * su) : 0.f;
     }
 }
 

@@ -601,9 +601,17 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             if !args.cases.iter().any(|c| c == name) {
                 continue;
             }
-            let (v, ok) = check_case(&gpu, name, shape)?;
-            all_pass &= ok;
-            cases.push(v);
+            match check_case(&gpu, name, shape) {
+                Ok((v, ok)) => {
+                    all_pass &= ok;
+                    cases.push(v);
+                }
+                Err(e) => {
+                    println!("  [FAIL] {name}: error {e}");
+                    all_pass = false;
+                    cases.push(json!({"case": name, "error": e.to_string(), "pass": false}));
+                }
+            }
         }
         let out = json!({"info": info, "cases": cases, "pass": all_pass});
         std::fs::write(
@@ -639,7 +647,15 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
         .filter(|m| args.models.iter().any(|n| n == m.name))
     {
         for &l in &args.lens {
-            let r = bench_one(&gpu, m, l, args)?;
+            let r = match bench_one(&gpu, m, l, args) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("{} L={l}: error {e}", m.name);
+                    all_pass = false;
+                    rows.push(json!({"model": m.name, "len": l, "error": e.to_string()}));
+                    continue;
+                }
+            };
             let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             writeln!(
                 csv,

@@ -7,7 +7,7 @@ use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 /// Keys per split (must match KC in kernels/decode.cu).
-pub const KC: usize = 256;
+pub const KC: usize = 128;
 
 /// Decode outputs and partials on the device.
 pub struct DevDecode {
@@ -49,7 +49,7 @@ impl DevDecode {
                 .arg(&mut self.lse)
                 .arg(&ns)
                 .arg(&d)
-                .launch(cfg((h.hq as u32, 1, 1), h.dim as u32, 0))
+                .launch(cfg((h.hq as u32, 1, 1), 256, 0))
         }
         .ctx("tca_decode_combine")?;
         Ok(())
@@ -85,7 +85,7 @@ pub fn run_sparse(
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 128, 0))
+            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 256, 0))
     }
     .ctx("tca_decode (sparse)")?;
     out.combine(gpu, h)
@@ -115,7 +115,7 @@ pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> 
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg((h.len.div_ceil(KC) as u32, h.hkv as u32, 1), 128, 0))
+            .launch(cfg((h.len.div_ceil(KC) as u32, h.hkv as u32, 1), 256, 0))
     }
     .ctx("tca_decode (dense)")?;
     out.combine(gpu, h)

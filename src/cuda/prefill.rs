@@ -9,6 +9,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 /// Query rows per CTA and keys per tile of the kernel.
 pub const BM: usize = 64;
 pub const BN: usize = 64;
+/// cp.async pipeline stages (NS in the kernel).
+pub const NS: usize = 3;
 
 /// Prefill outputs on the device: O [Hq, L, D] (bf16) and the log-sum-exp [Hq, L].
 pub struct DevAttention {
@@ -32,7 +34,7 @@ impl DevAttention {
 }
 
 fn smem_bytes(d: usize) -> usize {
-    2 * 2 * BN * (d + 8) * 2 + 2 * BN * 4
+    NS * 2 * BN * (d + 8) * 2 + NS * BN * 4
 }
 
 fn kernel(gpu: &Gpu, d: usize) -> GpuResult<CudaFunction> {

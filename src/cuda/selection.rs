@@ -45,6 +45,8 @@ pub struct DevSelection {
     pub part: CudaSlice<f32>,
     pub hstats: CudaSlice<f32>,
     pub s: CudaSlice<f32>,
+    /// Block-relative importance u_j = s_j / 2^(block max) (what top-t compares).
+    pub u: CudaSlice<f32>,
     pub mblk: CudaSlice<f32>,
     pub cblk: CudaSlice<f32>,
     pub table: CudaSlice<i32>,
@@ -109,6 +111,7 @@ impl DevSelection {
             part: gpu.alloc(hq * nchunk * 2)?,
             hstats: gpu.alloc(hq * 2)?,
             s: gpu.alloc(hkv * lc)?,
+            u: gpu.alloc(hkv * lc)?,
             mblk: gpu.alloc(hkv * nb)?,
             cblk: gpu.alloc(hkv * nb)?,
             table: gpu.upload(&p.table)?,
@@ -194,6 +197,7 @@ pub fn run_select(
             .arg(&sel.x)
             .arg(&sel.hstats)
             .arg(&mut sel.s)
+            .arg(&mut sel.u)
             .arg(&mut sel.mblk)
             .arg(&mut sel.cblk)
             .arg(&l)
@@ -231,7 +235,7 @@ pub fn run_select(
     let (gcap, di) = (sel.gcap as i32, d as i32);
     unsafe {
         st.launch_builder(&f)
-            .arg(&sel.s)
+            .arg(&sel.u)
             .arg(&sel.budget)
             .arg(&sel.offs)
             .arg(&h.k)
