@@ -2,16 +2,19 @@
 // per KV head: part A (the compacted global keys S_G: rows [0, nA) of A, count from
 // device memory when countA != nullptr) and part B (the window: rows [0, nB) of B).
 // Dense decode passes the full K, V as part A and nB = 0.
-// Split over KV: CTA (split s, KV head kv; 256 threads) takes keys [s * KC, (s + 1) * KC)
-// of the concatenated range and reads each key and value row once for all G query heads
-// of the group (GQA); every thread issues all its 16-byte K and V loads up front. Partials (m, l in log2 units; unnormalised o) are merged by
-// tca_decode_combine, which writes O (f32) and the log-sum-exp (natural log).
+// Split over KV (flash-decoding): CTA (split s, KV head kv; 4 warps) takes keys
+// [s * SK, (s + 1) * SK) of the concatenated range; each warp streams steps of 16 rows
+// with an online softmax, issuing all its 16-byte K and V loads of a step at once, and
+// reads each row once for all G query heads of the group (GQA). The warps' states are
+// merged in shared memory into one partial (m, l in log2 units; unnormalised o) per
+// (query head, split); tca_decode_combine merges the splits and writes O (f32) and the
+// log-sum-exp (natural log).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
 #define NEG_INF (-__int_as_float(0x7f800000))
-#define KC 128
-#define NT 256
+#define NW 4
+#define ROWS 16  // rows per warp step
 
 __device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
 
@@ -21,45 +24,24 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
                                             const int* __restrict__ countA, int nA_const,
                                             long long strideA, const u16* __restrict__ KB,
                                             const u16* __restrict__ VB, int nB, long long strideB,
-                                            float* __restrict__ part_o, float* __restrict__ part_ml,
-                                            float scale_log2) {
-    constexpr int LPK = D / 8;        // lanes per row (16 bytes each)
-    constexpr int SLOTS = NT / LPK;   // rows in flight per CTA step
-    constexpr int NI = KC / SLOTS;    // rows per thread
-    constexpr int NW = NT / 32;
-    __shared__ float sc[G][KC];
-    __shared__ float red[NW][G][D];
-    __shared__ float sm[G], sl[G];
+                                            int SK, float* __restrict__ part_o,
+                                            float* __restrict__ part_ml, float scale_log2) {
+    constexpr int LPK = D / 8;          // lanes per row (16 bytes each)
+    constexpr int SPW = 32 / LPK;       // rows per warp load instruction
+    constexpr int NI = ROWS / SPW;      // loads per lane per step
+    __shared__ float wm[NW][G], wl[NW][G];
+    __shared__ float wo[NW][G][D];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
-    const int sub = tid % LPK, slot = tid / LPK;
+    const int sub = lane % LPK, slot = lane / LPK;
     const int nA = countA ? countA[kv] : nA_const;
     const int n = nA + nB;
-    const int k0 = split * KC, k1 = min(n, k0 + KC);
-    const int cnt = k1 - k0;
-    if (cnt <= 0) {  // CTA-uniform
-        for (int idx = tid; idx < G * D; idx += NT)
-            part_o[(((size_t)(kv * G + idx / D)) * nsplit + split) * D + idx % D] = 0.f;
-        if (tid < G) {
-            const size_t o = ((size_t)(kv * G + tid) * nsplit + split) * 2;
-            part_ml[o] = NEG_INF;
-            part_ml[o + 1] = 0.f;
-        }
-        return;
-    }
+    const int k0 = split * SK, k1 = min(n, k0 + SK);
     const u16* Ka = KA + (size_t)kv * strideA * D;
     const u16* Va = VA + (size_t)kv * strideA * D;
     const u16* Kb = KB ? KB + (size_t)kv * strideB * D : nullptr;
     const u16* Vb = VB ? VB + (size_t)kv * strideB * D : nullptr;
 
-    uint4 kr[NI], vr[NI];
-#pragma unroll
-    for (int i = 0; i < NI; i++) {
-        const int kc = k0 + min(slot + i * SLOTS, cnt - 1);
-        const size_t off = (kc < nA ? (size_t)kc : (size_t)(kc - nA)) * D + sub * 8;
-        kr[i] = *reinterpret_cast<const uint4*>((kc < nA ? Ka : Kb) + off);
-        vr[i] = *reinterpret_cast<const uint4*>((kc < nA ? Va : Vb) + off);
-    }
     float q[G][8];
 #pragma unroll
     for (int gi = 0; gi < G; gi++) {
@@ -68,103 +50,117 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
 #pragma unroll
         for (int t = 0; t < 8; t++) q[gi][t] = bf2f(e[t]) * scale_log2;
     }
-    // Scores.
+    float m[G], l[G], acc[G][8];
 #pragma unroll
-    for (int i = 0; i < NI; i++) {
-        const u16* e = reinterpret_cast<const u16*>(&kr[i]);
-        float kf[8];
-#pragma unroll
-        for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
-        const int kl = slot + i * SLOTS;
-#pragma unroll
-        for (int gi = 0; gi < G; gi++) {
-            float acc = 0.f;
-#pragma unroll
-            for (int t = 0; t < 8; t++) acc = fmaf(q[gi][t], kf[t], acc);
-#pragma unroll
-            for (int off = LPK / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
-            if (sub == 0 && kl < cnt) sc[gi][kl] = acc;
-        }
-    }
-    __syncthreads();
-    // Max and sum per head: warp gi handles head gi (G <= 8 warps).
-    for (int gi = warp; gi < G; gi += NW) {
-        float m = NEG_INF;
-        for (int i = lane; i < cnt; i += 32) m = fmaxf(m, sc[gi][i]);
-        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
-        float l = 0.f;
-        for (int i = lane; i < cnt; i += 32) {
-            const float p = exp2f(sc[gi][i] - m);
-            sc[gi][i] = p;
-            l += p;
-        }
-        for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
-        if (lane == 0) {
-            sm[gi] = m;
-            sl[gi] = l;
-        }
-    }
-    __syncthreads();
-    // o[g][dims of this lane] += p * v.
-    float acc[G][8];
-#pragma unroll
-    for (int gi = 0; gi < G; gi++)
+    for (int gi = 0; gi < G; gi++) {
+        m[gi] = NEG_INF;
+        l[gi] = 0.f;
 #pragma unroll
         for (int t = 0; t < 8; t++) acc[gi][t] = 0.f;
+    }
+    for (int base = k0 + warp * ROWS; base < k1; base += NW * ROWS) {
+        uint4 kr[NI], vr[NI];
 #pragma unroll
-    for (int i = 0; i < NI; i++) {
-        const int kl = slot + i * SLOTS;
-        if (kl < cnt) {
-            const u16* e = reinterpret_cast<const u16*>(&vr[i]);
-            float vf[8];
+        for (int i = 0; i < NI; i++) {
+            const int k = min(base + slot + i * SPW, k1 - 1);
+            const size_t off = (k < nA ? (size_t)k : (size_t)(k - nA)) * D + sub * 8;
+            kr[i] = *reinterpret_cast<const uint4*>((k < nA ? Ka : Kb) + off);
+            vr[i] = *reinterpret_cast<const uint4*>((k < nA ? Va : Vb) + off);
+        }
+        float sc[G][NI];
 #pragma unroll
-            for (int t = 0; t < 8; t++) vf[t] = bf2f(e[t]);
+        for (int i = 0; i < NI; i++) {
+            const u16* e = reinterpret_cast<const u16*>(&kr[i]);
+            float kf[8];
+#pragma unroll
+            for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
+            const bool ok = base + slot + i * SPW < k1;
 #pragma unroll
             for (int gi = 0; gi < G; gi++) {
-                const float p = sc[gi][kl];
+                float a = 0.f;
 #pragma unroll
-                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+                for (int t = 0; t < 8; t++) a = fmaf(q[gi][t], kf[t], a);
+#pragma unroll
+                for (int off = LPK / 2; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffff, a, off);
+                sc[gi][i] = ok ? a : NEG_INF;
+            }
+        }
+#pragma unroll
+        for (int gi = 0; gi < G; gi++) {
+            float mx = sc[gi][0];
+#pragma unroll
+            for (int i = 1; i < NI; i++) mx = fmaxf(mx, sc[gi][i]);
+#pragma unroll
+            for (int off = LPK; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+            const float mn = fmaxf(m[gi], mx);
+            const float mu = mn == NEG_INF ? 0.f : mn;
+            const float al = exp2f(m[gi] - mu);
+            m[gi] = mn;
+            float ls = 0.f;
+#pragma unroll
+            for (int t = 0; t < 8; t++) acc[gi][t] *= al;
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                const float p = exp2f(sc[gi][i] - mu);
+                ls += p;
+                const u16* e = reinterpret_cast<const u16*>(&vr[i]);
+#pragma unroll
+                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, bf2f(e[t]), acc[gi][t]);
+            }
+            l[gi] = l[gi] * al + ls;
+        }
+    }
+    // Merge the row slots of the warp (m is warp-uniform), then the warps.
+#pragma unroll
+    for (int gi = 0; gi < G; gi++) {
+#pragma unroll
+        for (int off = LPK; off < 32; off <<= 1) {
+            l[gi] += __shfl_xor_sync(0xffffffff, l[gi], off);
+#pragma unroll
+            for (int t = 0; t < 8; t++) acc[gi][t] += __shfl_xor_sync(0xffffffff, acc[gi][t], off);
+        }
+    }
+    if (lane < LPK) {
+#pragma unroll
+        for (int gi = 0; gi < G; gi++) {
+#pragma unroll
+            for (int t = 0; t < 8; t++) wo[warp][gi][sub * 8 + t] = acc[gi][t];
+            if (lane == 0) {
+                wm[warp][gi] = m[gi];
+                wl[warp][gi] = l[gi];
             }
         }
     }
-    // Reduce over the row slots of the warp, then over the warps.
-#pragma unroll
-    for (int gi = 0; gi < G; gi++)
-#pragma unroll
-        for (int t = 0; t < 8; t++) {
-            float x = acc[gi][t];
-#pragma unroll
-            for (int off = LPK; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffff, x, off);
-            acc[gi][t] = x;
-        }
-    if (lane < LPK) {
-#pragma unroll
-        for (int gi = 0; gi < G; gi++)
-#pragma unroll
-            for (int t = 0; t < 8; t++) red[warp][gi][sub * 8 + t] = acc[gi][t];
-    }
     __syncthreads();
-    for (int idx = tid; idx < G * D; idx += NT) {
+    for (int idx = tid; idx < G * D; idx += NW * 32) {
         const int gi = idx / D, dd = idx % D;
-        float v = 0.f;
+        float M = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < NW; w++) v += red[w][gi][dd];
-        part_o[(((size_t)(kv * G + gi)) * nsplit + split) * D + dd] = v;
-    }
-    if (tid < G) {
-        const size_t o = ((size_t)(kv * G + tid) * nsplit + split) * 2;
-        part_ml[o] = sm[tid];
-        part_ml[o + 1] = sl[tid];
+        for (int w = 0; w < NW; w++) M = fmaxf(M, wm[w][gi]);
+        const float mu = M == NEG_INF ? 0.f : M;
+        float o = 0.f, lt = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const float f = exp2f(wm[w][gi] - mu);
+            o += f * wo[w][gi][dd];
+            lt += f * wl[w][gi];
+        }
+        const size_t h = (size_t)(kv * G + gi);
+        part_o[(h * nsplit + split) * D + dd] = o;
+        if (dd == 0) {
+            part_ml[(h * nsplit + split) * 2] = M;
+            part_ml[(h * nsplit + split) * 2 + 1] = lt;
+        }
     }
 }
 
 #define DECODE(D, G)                                                                            \
-    extern "C" __global__ void __launch_bounds__(NT) tca_decode_d##D##_g##G(                    \
+    extern "C" __global__ void __launch_bounds__(NW * 32) tca_decode_d##D##_g##G(               \
         const u16* Qd, long long q_stride, const u16* KA, const u16* VA, const int* countA,     \
         int nA_const, long long strideA, const u16* KB, const u16* VB, int nB, long long strideB, \
-        float* part_o, float* part_ml, float sl2) {                                             \
+        int SK, float* part_o, float* part_ml, float sl2) {                                     \
         decode_body<D, G>(Qd, q_stride, KA, VA, countA, nA_const, strideA, KB, VB, nB, strideB, \
-                          part_o, part_ml, sl2);                                                \
+                          SK, part_o, part_ml, sl2);                                            \
     }
 DECODE(64, 1) DECODE(64, 2) DECODE(64, 3) DECODE(64, 4) DECODE(64, 8)
 DECODE(128, 1) DECODE(128, 2) DECODE(128, 3) DECODE(128, 4) DECODE(128, 8)

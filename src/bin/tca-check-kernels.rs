@@ -15,8 +15,18 @@ fn main() -> ExitCode {
     match tca::cuda::compile_all(arch, &include) {
         Ok(ptx) => {
             for (name, p) in &ptx {
-                let n = p.to_src().len();
-                println!("kernels/{name}.cu: PTX for {arch}, {n} bytes");
+                let src = p.to_src();
+                let entries = tca::cuda::entry_names(&src);
+                println!(
+                    "kernels/{name}.cu: PTX for {arch}, {} bytes, {} kernels: {}",
+                    src.len(),
+                    entries.len(),
+                    entries.join(" ")
+                );
+                if entries.is_empty() {
+                    eprintln!("no kernel entry found in kernels/{name}.cu");
+                    return ExitCode::FAILURE;
+                }
             }
             println!("all {} kernel files compiled", ptx.len());
             ExitCode::SUCCESS

@@ -140,6 +140,8 @@ fn check_case(
     run_select(gpu, &h, &mut sel, None)?;
     gpu.sync()?;
     let hs = download_selection(gpu, &h, &sel)?;
+    let gm = gpu.download(&sel.mblk)?;
+    let gc = gpu.download(&sel.cblk)?;
 
     // Oracle selection.
     let t0 = std::time::Instant::now();
@@ -172,7 +174,14 @@ fn check_case(
             .count();
         rank_mis += rm;
         budget_mis += bm;
-        sel_json.push(json!({"kv": kv, "gpu_size": a.len(), "cpu_size": b.len(), "symmetric_difference": mis,
+        let first: Vec<Value> = (0..sel.nb.min(6))
+            .map(|j| {
+                json!({"block": j, "gpu_m": gm[kv * sel.nb + j], "gpu_c": gc[kv * sel.nb + j], "gpu_rank": hs.ranks[kv][j],
+                       "cpu_m": cs.ranking.scores.mass[j], "cpu_c": cs.ranking.scores.concentration[j],
+                       "cpu_h": cs.ranking.scores.score[j], "cpu_rank": cpu_rank[j]})
+            })
+            .collect();
+        sel_json.push(json!({"kv": kv, "first_blocks": first, "gpu_size": a.len(), "cpu_size": b.len(), "symmetric_difference": mis,
             "importance": imp, "rank_mismatches": rm, "budget_mismatches": bm, "sorted": hs.global[kv].windows(2).all(|w| w[0] < w[1])}));
     }
     let mismatch_rate = total_mis as f64 / total_ref.max(1) as f64;

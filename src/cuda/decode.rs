@@ -6,11 +6,15 @@ use super::selection::DevSelection;
 use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-/// Keys per split (must match KC in kernels/decode.cu).
-pub const KC: usize = 128;
+/// Rows a CTA streams per step (4 warps x 16 rows, NW * ROWS in kernels/decode.cu).
+pub const STEP: usize = 64;
+/// CTAs aimed at: 4 per multiprocessor of an H100/H200 (132 SMs).
+pub const TARGET_CTAS: usize = 528;
 
 /// Decode outputs and partials on the device.
 pub struct DevDecode {
+    /// Keys per split (a multiple of STEP) and number of splits.
+    pub sk: usize,
     pub nsplit: usize,
     pub part_o: CudaSlice<f32>,
     pub part_ml: CudaSlice<f32>,
@@ -22,8 +26,11 @@ pub struct DevDecode {
 impl DevDecode {
     /// Room for up to `max_keys` keys per KV head.
     pub fn new(gpu: &Gpu, h: &DevHeads, max_keys: usize) -> GpuResult<Self> {
-        let nsplit = max_keys.div_ceil(KC).max(1);
+        let per = (max_keys * h.hkv).div_ceil(TARGET_CTAS).max(1);
+        let sk = per.div_ceil(STEP) * STEP;
+        let nsplit = max_keys.div_ceil(sk).max(1);
         Ok(DevDecode {
+            sk,
             nsplit,
             part_o: gpu.alloc(h.hq * nsplit * h.dim)?,
             part_ml: gpu.alloc(h.hq * nsplit * 2)?,
@@ -68,6 +75,7 @@ pub fn run_sparse(
     let qs = (h.len * h.dim) as i64;
     let (zero, sa, nb, sb) = (0i32, sel.gcap as i64, sel.window as i32, sel.wcap as i64);
     let sl2 = h.scale_log2();
+    let sk = out.sk as i32;
     unsafe {
         gpu.stream
             .launch_builder(&f)
@@ -82,10 +90,11 @@ pub fn run_sparse(
             .arg(&sel.wv)
             .arg(&nb)
             .arg(&sb)
+            .arg(&sk)
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 256, 0))
+            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 128, 0))
     }
     .ctx("tca_decode (sparse)")?;
     out.combine(gpu, h)
@@ -98,6 +107,12 @@ pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> 
     let qs = (h.len * h.dim) as i64;
     let (null, na, sa, zero, zl) = (0u64, h.len as i32, h.len as i64, 0i32, 0i64);
     let sl2 = h.scale_log2();
+    let sk = out.sk as i32;
+    if out.sk * out.nsplit < h.len {
+        return Err(super::GpuError::Invalid(
+            "decode buffers too small for L keys".into(),
+        ));
+    }
     unsafe {
         gpu.stream
             .launch_builder(&f)
@@ -112,10 +127,11 @@ pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> 
             .arg(&null)
             .arg(&zero)
             .arg(&zl)
+            .arg(&sk)
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg((h.len.div_ceil(KC) as u32, h.hkv as u32, 1), 256, 0))
+            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 128, 0))
     }
     .ctx("tca_decode (dense)")?;
     out.combine(gpu, h)

@@ -128,7 +128,8 @@ pub fn device_count() -> usize {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    modules: Vec<Arc<CudaModule>>,
+    /// Each module with the kernel names its PTX defines.
+    modules: Vec<(Arc<CudaModule>, Vec<String>)>,
     funcs: std::sync::Mutex<HashMap<String, CudaFunction>>,
 }
 
@@ -156,7 +157,12 @@ impl Gpu {
         let ptx = compile_all(arch, &include)?;
         let modules = ptx
             .into_iter()
-            .map(|(n, p)| ctx.load_module(p).ctx(&format!("cuModuleLoadData({n})")))
+            .map(|(n, p)| {
+                let names = entry_names(&p.to_src());
+                ctx.load_module(p)
+                    .ctx(&format!("cuModuleLoadData({n})"))
+                    .map(|m| (m, names))
+            })
             .collect::<GpuResult<Vec<_>>>()?;
         Ok(Gpu {
             ctx,
@@ -172,8 +178,13 @@ impl Gpu {
         if let Some(f) = map.get(name) {
             return Ok(f.clone());
         }
-        for m in &self.modules {
-            if let Ok(f) = m.load_function(name) {
+        // Only the module that defines it is asked (a failed lookup is a CUDA API error
+        // that compute-sanitizer would report).
+        for (m, names) in &self.modules {
+            if names.iter().any(|n| n == name) {
+                let f = m
+                    .load_function(name)
+                    .ctx(&format!("cuModuleGetFunction({name})"))?;
                 map.insert(name.to_string(), f.clone());
                 return Ok(f);
             }
@@ -233,6 +244,14 @@ impl Gpu {
         .ctx("tca_fill_u32")?;
         Ok(())
     }
+}
+
+/// The `.entry` names of a PTX text.
+pub fn entry_names(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|l| l.trim_start().strip_prefix(".visible .entry "))
+        .map(|l| l.split('(').next().unwrap_or("").trim().to_string())
+        .collect()
 }
 
 /// f32 to bf16 bits, round to nearest even (NaN stays NaN).
