@@ -309,3 +309,14 @@ extern "C" __global__ void tca_fill_u32(u32* p, unsigned long long n, u32 v) {
          i += (unsigned long long)gridDim.x * blockDim.x)
         p[i] = v;
 }
+
+// Spins for about `ns` nanoseconds (%globaltimer). Launched before a timed region so
+// that the host has queued the timed kernels before the GPU reaches the start event:
+// the events then measure GPU execution, not host launch gaps.
+extern "C" __global__ void tca_spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}

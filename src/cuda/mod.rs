@@ -31,6 +31,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/attention_bf16.cu"),
     ),
     (
+        "attention_bf16_mt",
+        include_str!("../../kernels/attention_bf16_mt.cu"),
+    ),
+    (
         "attention_f32",
         include_str!("../../kernels/attention_f32.cu"),
     ),
@@ -219,6 +223,21 @@ impl Gpu {
         x: &CudaSlice<T>,
     ) -> GpuResult<Vec<T>> {
         self.stream.clone_dtoh(x).ctx("copy device to host")
+    }
+
+    /// Keeps the GPU busy for about `us` microseconds (see `tca_spin`).
+    pub fn spin(&self, us: u64) -> GpuResult<()> {
+        let f = self.func("tca_spin")?;
+        let ns = us * 1000;
+        use cudarc::driver::PushKernelArg;
+        unsafe {
+            self.stream
+                .launch_builder(&f)
+                .arg(&ns)
+                .launch(cfg((1, 1, 1), 32, 0))
+        }
+        .ctx("tca_spin")?;
+        Ok(())
     }
 
     /// Fills a buffer of 4-byte or 2-byte elements with NaN bit patterns (poisoning).

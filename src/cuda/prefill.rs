@@ -6,11 +6,51 @@ use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
-/// Query rows per CTA and keys per tile of the kernel.
-pub const BM: usize = 64;
+/// Keys per tile (both kernels).
 pub const BN: usize = 64;
-/// cp.async pipeline stages (NS in the kernel).
-pub const NS: usize = 3;
+
+/// The two prefill kernels: `Mt1` (kernels/attention_bf16.cu: one m16 row tile per warp,
+/// 64 query rows per CTA, Q fragments in registers, 3 cp.async stages) and `Mt2`
+/// (kernels/attention_bf16_mt.cu: two row tiles per warp, 128 rows per CTA, Q in shared
+/// memory, 2 stages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Mt1,
+    Mt2,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 2] = [Variant::Mt1, Variant::Mt2];
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Mt1 => "mt1",
+            Variant::Mt2 => "mt2",
+        }
+    }
+    /// Query rows per CTA.
+    pub fn bm(self) -> usize {
+        match self {
+            Variant::Mt1 => 64,
+            Variant::Mt2 => 128,
+        }
+    }
+    fn kernel_name(self, d: usize) -> String {
+        match self {
+            Variant::Mt1 => format!("tca_prefill_bf16_d{d}"),
+            Variant::Mt2 => format!("tca_prefill_bf16_mt2_d{d}"),
+        }
+    }
+    fn smem_bytes(self, d: usize) -> usize {
+        let row = (d + 8) * 2;
+        match self {
+            Variant::Mt1 => 3 * 2 * BN * row + 3 * BN * 4,
+            Variant::Mt2 => 128 * row + 2 * 2 * BN * row + 2 * BN * 4,
+        }
+    }
+}
+
+/// The default prefill kernel.
+pub const DEFAULT: Variant = Variant::Mt1;
 
 /// Prefill outputs on the device: O [Hq, L, D] (bf16) and the log-sum-exp [Hq, L].
 pub struct DevAttention {
@@ -33,15 +73,11 @@ impl DevAttention {
     }
 }
 
-fn smem_bytes(d: usize) -> usize {
-    NS * 2 * BN * (d + 8) * 2 + NS * BN * 4
-}
-
-fn kernel(gpu: &Gpu, d: usize) -> GpuResult<CudaFunction> {
-    let f = gpu.func(&format!("tca_prefill_bf16_d{d}"))?;
+fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
+    let f = gpu.func(&v.kernel_name(d))?;
     f.set_attribute(
         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem_bytes(d) as i32,
+        v.smem_bytes(d) as i32,
     )
     .ctx("cuFuncSetAttribute(max dynamic shared memory)")?;
     Ok(f)
@@ -55,7 +91,18 @@ pub fn run_sparse(
     sel: &DevSelection,
     out: &mut DevAttention,
 ) -> GpuResult<()> {
-    let f = kernel(gpu, h.dim)?;
+    run_sparse_with(gpu, h, sel, out, DEFAULT)
+}
+
+/// [`run_sparse`] with a chosen kernel.
+pub fn run_sparse_with(
+    gpu: &Gpu,
+    h: &DevHeads,
+    sel: &DevSelection,
+    out: &mut DevAttention,
+    v: Variant,
+) -> GpuResult<()> {
+    let f = kernel(gpu, h.dim, v)?;
     let (gcap, l, hq, hkv, w) = (
         sel.gcap as i32,
         h.len as i32,
@@ -83,9 +130,9 @@ pub fn run_sparse(
             .arg(&w)
             .arg(&sl2)
             .launch(cfg(
-                (h.len.div_ceil(BM) as u32, h.hq as u32, 1),
+                (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
                 128,
-                smem_bytes(h.dim) as u32,
+                v.smem_bytes(h.dim) as u32,
             ))
     }
     .ctx("tca_prefill_bf16 (sparse)")?;
@@ -94,7 +141,17 @@ pub fn run_sparse(
 
 /// Dense causal attention with the same kernel (no global part, w = L).
 pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevAttention) -> GpuResult<()> {
-    let f = kernel(gpu, h.dim)?;
+    run_dense_with(gpu, h, out, DEFAULT)
+}
+
+/// [`run_dense`] with a chosen kernel.
+pub fn run_dense_with(
+    gpu: &Gpu,
+    h: &DevHeads,
+    out: &mut DevAttention,
+    v: Variant,
+) -> GpuResult<()> {
+    let f = kernel(gpu, h.dim, v)?;
     let (l, hq, hkv) = (h.len as i32, h.hq as i32, h.hkv as i32);
     let sl2 = h.scale_log2();
     let null = 0u64;
@@ -118,9 +175,9 @@ pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevAttention) -> GpuResult<(
             .arg(&l)
             .arg(&sl2)
             .launch(cfg(
-                (h.len.div_ceil(BM) as u32, h.hq as u32, 1),
+                (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
                 128,
-                smem_bytes(h.dim) as u32,
+                v.smem_bytes(h.dim) as u32,
             ))
     }
     .ctx("tca_prefill_bf16 (dense)")?;
