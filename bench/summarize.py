@@ -13,8 +13,8 @@ except FileNotFoundError:
     pass
 lines = []
 p = lines.append
-p("| model | L | keep | TCA ms | sel % | attn ms | own dense ms | cuDNN ms | flash ms | x cuDNN | TCA/(keep x cuDNN) | TF/s kept | dec us (sparse/dense) | dec x | dec GB/s (% copy) |")
-p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+p("| model | L | kernel | keep | TCA ms | sel % | attn ms | own dense ms | cuDNN ms | flash ms | x cuDNN | TCA/(keep x cuDNN) | TF/s kept | dec us (sparse/dense) | dec x | dec GB/s (% copy) |")
+p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in bench:
     m, L = r["model"], int(r["L"])
     f = lambda k: float(r[k])
@@ -24,7 +24,7 @@ for r in bench:
     bw = f("copy_GBps")
     x = f"{cud / tca:.2f}" if cud else "-"
     ratio = f"{tca / (f('keep_frac') * cud):.2f}" if cud else "-"
-    p(f"| {m} | {L} | {f('keep_frac'):.3f} | {tca:.2f} | {100 * f('selection_share'):.1f} | {f('attention_ms'):.2f} | "
+    p(f"| {m} | {L} | {r.get('attention_kernel', '?')} | {f('keep_frac'):.3f} | {tca:.2f} | {100 * f('selection_share'):.1f} | {f('attention_ms'):.2f} | "
       f"{f('dense_ms'):.2f} | {cud if cud else '-'} | {fla if fla else '-'} | {x} | {ratio} | {f('tflops_kept_attn'):.0f} | "
       f"{f('decode_sparse_us'):.1f}/{f('decode_dense_us'):.1f} | {f('decode_speedup'):.2f} | "
       f"{f('decode_sparse_GBps'):.0f} ({100 * f('decode_sparse_GBps') / bw:.0f}%) |")
