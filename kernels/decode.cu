@@ -4,8 +4,8 @@
 // Dense decode passes the full K, V as part A and nB = 0.
 // Split over KV (flash-decoding): CTA (split s, KV head kv; 4 warps) takes keys
 // [s * SK, (s + 1) * SK) of the concatenated range; each warp streams steps of 16 rows
-// with an online softmax, issuing all its 16-byte K and V loads of a step at once, and
-// reads each row once for all G query heads of the group (GQA). The warps' states are
+// with an online softmax through its own ring of NSD shared-memory stages filled by
+// cp.async (two steps in flight while it computes one), and reads each row once for all G query heads of the group (GQA). The warps' states are
 // merged in shared memory into one partial (m, l in log2 units; unnormalised o) per
 // (query head, split); tca_decode_combine merges the splits and writes O (f32) and the
 // log-sum-exp (natural log).
@@ -15,6 +15,7 @@ typedef unsigned int u32;
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define NW 4
 #define ROWS 16  // rows per warp step
+#define NSD 3    // cp.async stages of each warp's ring (dynamic shared memory)
 
 __device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
 
@@ -28,9 +29,11 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
                                             float* __restrict__ part_ml, float scale_log2) {
     constexpr int LPK = D / 8;          // lanes per row (16 bytes each)
     constexpr int SPW = 32 / LPK;       // rows per warp load instruction
-    constexpr int NI = ROWS / SPW;      // loads per lane per step
+    constexpr int NI = ROWS / SPW;      // rows per lane per step
+    constexpr int CH = ROWS * D / 8;    // 16-byte chunks of one step's K (or V)
     __shared__ float wm[NW][G], wl[NW][G];
     __shared__ float wo[NW][G][D];
+    extern __shared__ uint4 dsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
     const int sub = lane % LPK, slot = lane / LPK;
@@ -41,6 +44,31 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
     const u16* Va = VA + (size_t)kv * strideA * D;
     const u16* Kb = KB ? KB + (size_t)kv * strideB * D : nullptr;
     const u16* Vb = VB ? VB + (size_t)kv * strideB * D : nullptr;
+    // This warp's ring of NSD stages, each ROWS rows of K then ROWS rows of V.
+    u16* ring = reinterpret_cast<u16*>(dsm) + (size_t)warp * NSD * 2 * ROWS * D;
+    const int first = k0 + warp * ROWS;
+    const int nsteps = first < k1 ? (k1 - first + NW * ROWS - 1) / (NW * ROWS) : 0;
+
+    auto issue = [&](int j) {
+        if (j < nsteps) {
+            const int base = first + j * NW * ROWS;
+            u16* st = ring + (size_t)(j % NSD) * 2 * ROWS * D;
+#pragma unroll
+            for (int i = 0; i < 2 * CH / 32; i++) {
+                const int c = lane + 32 * i;
+                const int which = c / CH, cr = c % CH;
+                const int r = cr / LPK, cc = cr % LPK;
+                const int k = min(base + r, k1 - 1);
+                const u16* src = which == 0 ? (k < nA ? Ka + (size_t)k * D : Kb + (size_t)(k - nA) * D)
+                                            : (k < nA ? Va + (size_t)k * D : Vb + (size_t)(k - nA) * D);
+                const u32 dst = (u32)__cvta_generic_to_shared(st + which * ROWS * D + r * D + cc * 8);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + cc * 8));
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+#pragma unroll
+    for (int j = 0; j < NSD - 1; j++) issue(j);
 
     float q[G][8];
 #pragma unroll
@@ -58,19 +86,18 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
 #pragma unroll
         for (int t = 0; t < 8; t++) acc[gi][t] = 0.f;
     }
-    for (int base = k0 + warp * ROWS; base < k1; base += NW * ROWS) {
-        uint4 kr[NI], vr[NI];
-#pragma unroll
-        for (int i = 0; i < NI; i++) {
-            const int k = min(base + slot + i * SPW, k1 - 1);
-            const size_t off = (k < nA ? (size_t)k : (size_t)(k - nA)) * D + sub * 8;
-            kr[i] = *reinterpret_cast<const uint4*>((k < nA ? Ka : Kb) + off);
-            vr[i] = *reinterpret_cast<const uint4*>((k < nA ? Va : Vb) + off);
-        }
+    for (int j = 0; j < nsteps; j++) {
+        issue(j + NSD - 1);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(NSD - 1));
+        __syncwarp();
+        const u16* sk = ring + (size_t)(j % NSD) * 2 * ROWS * D;
+        const u16* sv = sk + ROWS * D;
+        const int base = first + j * NW * ROWS;
         float sc[G][NI];
 #pragma unroll
         for (int i = 0; i < NI; i++) {
-            const u16* e = reinterpret_cast<const u16*>(&kr[i]);
+            const uint4 u = *reinterpret_cast<const uint4*>(sk + (slot + i * SPW) * D + sub * 8);
+            const u16* e = reinterpret_cast<const u16*>(&u);
             float kf[8];
 #pragma unroll
             for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
@@ -96,20 +123,30 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
             const float mu = mn == NEG_INF ? 0.f : mn;
             const float al = exp2f(m[gi] - mu);
             m[gi] = mn;
-            float ls = 0.f;
+            l[gi] *= al;
 #pragma unroll
             for (int t = 0; t < 8; t++) acc[gi][t] *= al;
 #pragma unroll
-            for (int i = 0; i < NI; i++) {
-                const float p = exp2f(sc[gi][i] - mu);
-                ls += p;
-                const u16* e = reinterpret_cast<const u16*>(&vr[i]);
-#pragma unroll
-                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, bf2f(e[t]), acc[gi][t]);
-            }
-            l[gi] = l[gi] * al + ls;
+            for (int i = 0; i < NI; i++) sc[gi][i] = exp2f(sc[gi][i] - mu);
         }
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const uint4 u = *reinterpret_cast<const uint4*>(sv + (slot + i * SPW) * D + sub * 8);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+            float vf[8];
+#pragma unroll
+            for (int t = 0; t < 8; t++) vf[t] = bf2f(e[t]);
+#pragma unroll
+            for (int gi = 0; gi < G; gi++) {
+                const float p = sc[gi][i];
+                l[gi] += p;
+#pragma unroll
+                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+            }
+        }
+        __syncwarp();
     }
+    asm volatile("cp.async.wait_group 0;\n" ::);
     // Merge the row slots of the warp (m is warp-uniform), then the warps.
 #pragma unroll
     for (int gi = 0; gi < G; gi++) {

@@ -8,8 +8,25 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 /// Rows a CTA streams per step (4 warps x 16 rows, NW * ROWS in kernels/decode.cu).
 pub const STEP: usize = 64;
-/// CTAs aimed at: 4 per multiprocessor of an H100/H200 (132 SMs).
-pub const TARGET_CTAS: usize = 528;
+/// CTAs aimed at: 2 per multiprocessor of an H100/H200 (132 SMs), one wave.
+pub const TARGET_CTAS: usize = 264;
+/// Stages of each warp's cp.async ring (NSD in the kernel).
+pub const NSD: usize = 3;
+
+/// Dynamic shared memory of the decode kernel: 4 warps x NSD stages x (16 K + 16 V rows).
+pub fn smem_bytes(d: usize) -> usize {
+    4 * NSD * 2 * 16 * d * 2
+}
+
+fn kernel(gpu: &Gpu, h: &DevHeads) -> GpuResult<cudarc::driver::CudaFunction> {
+    let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem_bytes(h.dim) as i32,
+    )
+    .ctx("cuFuncSetAttribute(decode dynamic shared memory)")?;
+    Ok(f)
+}
 
 /// Decode outputs and partials on the device.
 pub struct DevDecode {
@@ -70,7 +87,7 @@ pub fn run_sparse(
     sel: &DevSelection,
     out: &mut DevDecode,
 ) -> GpuResult<()> {
-    let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
+    let f = kernel(gpu, h)?;
     let qd = h.q.slice((h.len - 1) * h.dim..);
     let qs = (h.len * h.dim) as i64;
     let (zero, sa, nb, sb) = (0i32, sel.gcap as i64, sel.window as i32, sel.wcap as i64);
@@ -94,7 +111,11 @@ pub fn run_sparse(
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 128, 0))
+            .launch(cfg(
+                (out.nsplit as u32, h.hkv as u32, 1),
+                128,
+                smem_bytes(h.dim) as u32,
+            ))
     }
     .ctx("tca_decode (sparse)")?;
     out.combine(gpu, h)
@@ -102,7 +123,7 @@ pub fn run_sparse(
 
 /// Dense decode over all L keys of K, V.
 pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> {
-    let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
+    let f = kernel(gpu, h)?;
     let qd = h.q.slice((h.len - 1) * h.dim..);
     let qs = (h.len * h.dim) as i64;
     let (null, na, sa, zero, zl) = (0u64, h.len as i32, h.len as i64, 0i32, 0i64);
@@ -131,7 +152,11 @@ pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> 
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg((out.nsplit as u32, h.hkv as u32, 1), 128, 0))
+            .launch(cfg(
+                (out.nsplit as u32, h.hkv as u32, 1),
+                128,
+                smem_bytes(h.dim) as u32,
+            ))
     }
     .ctx("tca_decode (dense)")?;
     out.combine(gpu, h)
