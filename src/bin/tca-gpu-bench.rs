@@ -543,7 +543,9 @@ fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result
     let sg: usize = hs.counts.iter().map(|&c| c as usize).sum();
 
     // Decode.
-    let mut dsp = DevDecode::new(gpu, &h, sel.gcap + sel.window)?;
+    // Splits sized from the cache's actual length (a decoder knows it after prefill).
+    let max_count = hs.counts.iter().copied().max().unwrap_or(0).max(0) as usize;
+    let mut dsp = DevDecode::new(gpu, &h, max_count + sel.window)?;
     let mut dde = DevDecode::new(gpu, &h, l)?;
     let mut t_ds = vec![];
     let mut t_dd = vec![];

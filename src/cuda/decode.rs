@@ -41,7 +41,9 @@ pub struct DevDecode {
 }
 
 impl DevDecode {
-    /// Room for up to `max_keys` keys per KV head.
+    /// Room for up to `max_keys` keys per KV head; the splits are sized from it, so pass
+    /// the cache's actual length (|S_G| + w), not a capacity. Keys beyond `sk * nsplit`
+    /// are not read: [`run_sparse`] checks |S_G| against it on the host when asked.
     pub fn new(gpu: &Gpu, h: &DevHeads, max_keys: usize) -> GpuResult<Self> {
         let per = (max_keys * h.hkv).div_ceil(TARGET_CTAS).max(1);
         let sk = per.div_ceil(STEP) * STEP;
