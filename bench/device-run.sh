@@ -14,18 +14,22 @@ BIN=$HERE/tca-gpu-bench
 export TCA_CUDA_INCLUDE=/usr/local/cuda/include
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  echo "== wgmma kernel probe (own process) =="
+  WG=$(timeout 60 "$BIN" --out "$OUT" --probe-wgmma 2>&1 | tee /dev/stderr | sed -n 's/^WGMMA_LAYOUT=//p')
+  WGARG=""; case "$WG" in [0-3]) WGARG="--wgmma-layout $WG";; esac
+  echo "wgmma layout: ${WG:-none}"
   echo "== correctness (f64 oracle) =="
-  timeout 100 "$BIN" --out "$OUT" --check-only; echo "check rc=$?"
+  timeout 100 "$BIN" --out "$OUT" --check-only $WGARG; echo "check rc=$?"
   if command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer memcheck (mha-small, smol-small) =="
-    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 "$BIN" --out /tmp/san1 --check-only --cases mha-small,smol-small 2>&1 | grep -v "^\s*\[ok\]" | head -40
+    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 "$BIN" --out /tmp/san1 --check-only --cases mha-small,smol-small $WGARG 2>&1 | grep -v "^\s*\[ok\]" | head -40
     echo "== compute-sanitizer racecheck (mha-small) =="
-    timeout 60 compute-sanitizer --tool racecheck --print-limit 20 "$BIN" --out /tmp/san2 --check-only --cases mha-small 2>&1 | tail -8
+    timeout 60 compute-sanitizer --tool racecheck --print-limit 20 "$BIN" --out /tmp/san2 --check-only --cases mha-small $WGARG 2>&1 | tail -8
   else
     echo "compute-sanitizer not found"
   fi
   echo "== bench =="
-  timeout 240 "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS"; echo "bench rc=$?"
+  timeout 240 "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS" $WGARG; echo "bench rc=$?"
   if [ -z "${SKIP_SDPA:-}" ]; then
     echo "== PyTorch SDPA baseline =="
     PYTHONUNBUFFERED=1 timeout 110 python3 "$HERE/bench/sdpa_baseline.py" --out "$OUT/sdpa.csv" --lens "$LENS"

@@ -59,6 +59,14 @@ struct Args {
     /// Skip the correctness checks.
     #[arg(long)]
     skip_check: bool,
+    /// Only search the wgmma kernel's descriptor layout (against the Mt1 kernel), print
+    /// WGMMA_LAYOUT=<n|none> and exit. Run it as its own process: a faulting kernel
+    /// leaves the CUDA context unusable.
+    #[arg(long)]
+    probe_wgmma: bool,
+    /// Time (and check) the wgmma prefill kernel with this descriptor layout (0-3).
+    #[arg(long)]
+    wgmma_layout: Option<u8>,
     /// Correctness cases to run (llama-small, smol-small, mha-small).
     #[arg(
         long,
@@ -115,6 +123,7 @@ fn rel(v: &Value) -> f64 {
 }
 
 fn check_case(
+    wg: Option<u8>,
     gpu: &Gpu,
     name: &str,
     (hq, hkv, l, d): (usize, usize, usize, usize),
@@ -235,6 +244,31 @@ fn check_case(
     let sparse_lse2 = cmp(gsp2.lse.iter().copied(), cpu_sparse.lse.iter().copied());
     let dense_o2 = cmp(gde2.o.iter().copied(), cpu_full.o.iter().copied());
     let dense_lse2 = cmp(gde2.lse.iter().copied(), cpu_full.lse.iter().copied());
+    let mut wg_json = json!(null);
+    let mut wg_ok = true;
+    if let Some(c) = wg {
+        let mut a = DevAttention::new(gpu, &h)?;
+        a.poison(gpu)?;
+        prefill::run_sparse_with(gpu, &h, &sel, &mut a, Variant::Wg(c))?;
+        let mut b = DevAttention::new(gpu, &h)?;
+        b.poison(gpu)?;
+        prefill::run_dense_with(gpu, &h, &mut b, Variant::Wg(c))?;
+        gpu.sync()?;
+        let ga = attention_to_host(gpu, &h, &a)?;
+        let gb = attention_to_host(gpu, &h, &b)?;
+        let so = cmp(ga.o.iter().copied(), cpu_sparse.o.iter().copied());
+        let sl = cmp(ga.lse.iter().copied(), cpu_sparse.lse.iter().copied());
+        let dn = cmp(gb.o.iter().copied(), cpu_full.o.iter().copied());
+        let dl = cmp(gb.lse.iter().copied(), cpu_full.lse.iter().copied());
+        wg_ok = rel(&so) <= 1e-2 && rel(&sl) <= 1e-2 && rel(&dn) <= 1e-2 && rel(&dl) <= 1e-2;
+        println!(
+            "  {name} wgmma (layout {c}): sparse O rel {:.2e}, dense O rel {:.2e}",
+            rel(&so),
+            rel(&dn)
+        );
+        wg_json =
+            json!({"layout": c, "sparse_o": so, "sparse_lse": sl, "dense_o": dn, "dense_lse": dl});
+    }
     let sparse_o = cmp(gsp.o.iter().copied(), cpu_sparse.o.iter().copied());
     let sparse_lse = cmp(gsp.lse.iter().copied(), cpu_sparse.lse.iter().copied());
     let dense_o = cmp(gde.o.iter().copied(), cpu_full.o.iter().copied());
@@ -319,6 +353,7 @@ fn check_case(
     );
 
     let checks = [
+        ("prefill_wgmma_if_enabled", wg_ok),
         ("sparse_prefill_bf16_o", rel(&sparse_o) <= 1e-2),
         ("sparse_prefill_bf16_lse", rel(&sparse_lse) <= 1e-2),
         ("dense_prefill_bf16_o", rel(&dense_o) <= 1e-2),
@@ -373,6 +408,7 @@ fn check_case(
             "sparse_prefill_bf16": {"o": sparse_o, "lse": sparse_lse},
             "dense_prefill_bf16": {"o": dense_o, "lse": dense_lse},
             "sparse_prefill_bf16_mt2": {"o": sparse_o2, "lse": sparse_lse2},
+            "prefill_wgmma": wg_json,
             "dense_prefill_bf16_mt2": {"o": dense_o2, "lse": dense_lse2},
             "gamma_audit": {"max_abs_diff": gmax, "mean_gamma_gpu": gmean_gpu, "mean_gamma_cpu": gmean_cpu},
             "decode": {"sparse_o": dec_sparse_o, "sparse_lse": dec_sparse_lse, "dense_o": dec_dense_o, "dense_lse": dec_dense_lse},
@@ -397,7 +433,13 @@ struct Model {
     d: usize,
 }
 
-fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result<Value> {
+fn bench_one(
+    gpu: &Gpu,
+    m: &Model,
+    l: usize,
+    args: &Args,
+    variants: &[Variant],
+) -> anyhow_lite::Result<Value> {
     let cfg = Config::default();
     let (hq, hkv, d) = (m.hq, m.hkv, m.d);
     let t0 = std::time::Instant::now();
@@ -416,7 +458,7 @@ fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result
     let mut t_dense_v = vec![];
     let mut dense_bad = 0;
     let mut lse_full = vec![];
-    for v in Variant::ALL {
+    for &v in variants {
         let mut t = vec![];
         for it in 0..warm + iters {
             de.poison(gpu)?;
@@ -484,7 +526,7 @@ fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result
     let mut med_v: Vec<Vec<f64>> = vec![];
     let mut sparse_bad = 0;
     let mut lse_s = vec![];
-    for v in Variant::ALL {
+    for &v in variants {
         let mut st: Vec<Vec<f64>> = vec![vec![]; 6];
         for it in 0..warm + iters {
             sp.poison(gpu)?;
@@ -510,7 +552,9 @@ fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result
         }
         med_v.push(st.into_iter().map(median).collect());
     }
-    let best = if med_v[1][5] < med_v[0][5] { 1 } else { 0 };
+    let best = (0..variants.len())
+        .min_by(|&a, &b| med_v[a][5].total_cmp(&med_v[b][5]))
+        .unwrap_or(0);
     let hs = download_selection(gpu, &h, &sel)?;
     // gamma of every query from the two LSEs.
     let mut gsum = 0f64;
@@ -596,8 +640,8 @@ fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result
         "ms": {"importance": t_imp, "redundancy": t_red, "sorting": t_sort, "selection": t_sel, "attention": t_att,
                "tca_total": t_tot, "dense": t_dense},
         "selection_share": (t_tot - t_att) / t_tot,
-        "attention_kernel": Variant::ALL[best].name(),
-        "variants": Variant::ALL.iter().enumerate().map(|(i, v)| json!({"kernel": v.name(),
+        "attention_kernel": variants[best].name(),
+        "variants": variants.iter().enumerate().map(|(i, v)| json!({"kernel": v.name(),
             "dense_ms": t_dense_v[i], "tca_total_ms": med_v[i][5], "attention_ms": med_v[i][4],
             "tflops_kept_attention": flops_kept / (med_v[i][4] * 1e9), "tflops_dense": flops_dense / (t_dense_v[i] * 1e9)})).collect::<Vec<_>>(),
         "timing": "CUDA events around GPU work queued behind a 200 us spin kernel; medians; decode per token = batch of 20 / 20",
@@ -618,6 +662,69 @@ fn bench_one(gpu: &Gpu, m: &Model, l: usize, args: &Args) -> anyhow_lite::Result
         flops_kept / (t_att * 1e9), t_ds * 1e3, t_dd * 1e3, kv_tca as f64 / (t_ds * 1e6), mean_gamma
     );
     Ok(r)
+}
+
+/// Finds the descriptor layout under which the wgmma kernel reproduces the Mt1 kernel
+/// (itself checked against the f64 oracle) on small dense layers of both head dims.
+/// Returns the layout and a JSON record of every try.
+fn pick_wgmma_layout(gpu: &Gpu) -> (Option<u8>, Value) {
+    let mut tries = vec![];
+    let mut found = None;
+    for c in 0..4u8 {
+        let mut ok_all = true;
+        for (hq, hkv, d) in [(4usize, 1usize, 128usize), (3, 1, 64)] {
+            let l = 512;
+            let layer = generate(hq, hkv, l, d, 99);
+            let res = (|| -> GpuResult<(f64, usize)> {
+                let h = DevHeads::from_bf16(gpu, (hq, hkv, l, d), &layer.q, &layer.k, &layer.v)?;
+                let mut a = DevAttention::new(gpu, &h)?;
+                let mut b = DevAttention::new(gpu, &h)?;
+                a.poison(gpu)?;
+                b.poison(gpu)?;
+                prefill::run_dense_with(gpu, &h, &mut a, Variant::Mt1)?;
+                prefill::run_dense_with(gpu, &h, &mut b, Variant::Wg(c))?;
+                gpu.sync()?;
+                let oa = gpu.download(&a.o)?;
+                let ob = gpu.download(&b.o)?;
+                let (mut me, mut mr, mut bad) = (0f64, 0f64, 0usize);
+                for (x, y) in ob.iter().zip(&oa) {
+                    let (x, y) = (bf16_to_f32(*x) as f64, bf16_to_f32(*y) as f64);
+                    if !x.is_finite() {
+                        bad += 1;
+                        continue;
+                    }
+                    me = me.max((x - y).abs());
+                    mr = mr.max(y.abs());
+                }
+                Ok((me / mr.max(1e-30), bad))
+            })();
+            let (rel, bad, err) = match res {
+                Ok((r, b)) => (r, b, String::new()),
+                Err(e) => (f64::INFINITY, 0, e.to_string()),
+            };
+            let ok = err.is_empty() && bad == 0 && rel <= 1e-2;
+            ok_all &= ok;
+            tries.push(json!({"layout": c, "dim": d, "rel_err_vs_mt1": rel, "non_finite": bad, "error": err, "ok": ok}));
+            if !err.is_empty() {
+                // A launch error leaves the context unusable: stop trying.
+                return (None, json!(tries));
+            }
+        }
+        if ok_all {
+            found = Some(c);
+            break;
+        }
+    }
+    (found, json!(tries))
+}
+
+/// A per-kernel timing of a bench row (NaN when that kernel was not run).
+fn vf(r: &Value, kernel: &str, key: &str) -> f64 {
+    r["variants"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["kernel"] == kernel))
+        .and_then(|v| v[key].as_f64())
+        .unwrap_or(f64::NAN)
 }
 
 fn bandwidth(gpu: &Gpu) -> GpuResult<f64> {
@@ -679,6 +786,20 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                             "static_smem": f.shared_size_bytes().ctx("attr")?});
     }
     println!("kernels: {info}");
+    if args.probe_wgmma {
+        let (wg, tries) = pick_wgmma_layout(&gpu);
+        std::fs::write(
+            args.out.join("wgmma_probe.json"),
+            serde_json::to_string_pretty(&tries)?,
+        )?;
+        println!("wgmma tries: {tries}");
+        match wg {
+            Some(c) => println!("WGMMA_LAYOUT={c}"),
+            None => println!("WGMMA_LAYOUT=none"),
+        }
+        return Ok(true);
+    }
+    info["wgmma_layout"] = json!(args.wgmma_layout);
     let mut all_pass = true;
     if !args.skip_check {
         let mut cases = vec![];
@@ -690,7 +811,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             if !args.cases.iter().any(|c| c == name) {
                 continue;
             }
-            match check_case(&gpu, name, shape) {
+            match check_case(args.wgmma_layout, &gpu, name, shape) {
                 Ok((v, ok)) => {
                     all_pass &= ok;
                     cases.push(v);
@@ -712,6 +833,10 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     if args.check_only {
         return Ok(all_pass);
     }
+    let mut variants = vec![Variant::Mt1, Variant::Mt2];
+    if let Some(c) = args.wgmma_layout {
+        variants.push(Variant::Wg(c));
+    }
     let bw = bandwidth(&gpu)?;
     println!("device-to-device copy: {:.0} GB/s (read + write)", bw);
     let models = [
@@ -730,13 +855,13 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     ];
     let mut rows = vec![];
     let mut csv = std::fs::File::create(args.out.join("bench.csv"))?;
-    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,dense_ms_mt1,dense_ms_mt2")?;
+    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_wgmma,dense_ms_mt1,dense_ms_mt2,dense_ms_wgmma")?;
     for m in models
         .iter()
         .filter(|m| args.models.iter().any(|n| n == m.name))
     {
         for &l in &args.lens {
-            let r = match bench_one(&gpu, m, l, args) {
+            let r = match bench_one(&gpu, m, l, args, &variants) {
                 Ok(r) => r,
                 Err(e) => {
                     println!("{} L={l}: error {e}", m.name);
@@ -748,7 +873,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             writeln!(
                 csv,
-                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4}",
+                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}",
                 m.name, l, m.hq, m.hkv, m.d, f(&r["keep_frac"]), f(&r["sg_frac_of_candidates"]), f(&r["mean_gamma"]),
                 f(&r["ms"]["tca_total"]), f(&r["ms"]["importance"]), f(&r["ms"]["redundancy"]), f(&r["ms"]["sorting"]),
                 f(&r["ms"]["selection"]), f(&r["ms"]["attention"]), f(&r["ms"]["dense"]), f(&r["speedup_vs_own_dense"]),
@@ -756,8 +881,8 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                 f(&r["decode"]["sparse_us"]), f(&r["decode"]["dense_us"]), f(&r["decode"]["speedup"]), f(&r["decode"]["sparse_GBps"]),
                 r["kv_bytes_full"], r["kv_bytes_tca"], bw,
                 r["attention_kernel"].as_str().unwrap_or("?"),
-                f(&r["variants"][0]["attention_ms"]), f(&r["variants"][1]["attention_ms"]),
-                f(&r["variants"][0]["dense_ms"]), f(&r["variants"][1]["dense_ms"])
+                vf(&r, "mt1", "attention_ms"), vf(&r, "mt2", "attention_ms"), vf(&r, "wgmma", "attention_ms"),
+                vf(&r, "mt1", "dense_ms"), vf(&r, "mt2", "dense_ms"), vf(&r, "wgmma", "dense_ms")
             )?;
             csv.flush()?;
             let bad = r["non_finite_outputs"]

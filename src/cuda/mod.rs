@@ -35,6 +35,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/attention_bf16_mt.cu"),
     ),
     (
+        "attention_wgmma",
+        include_str!("../../kernels/attention_wgmma.cu"),
+    ),
+    (
         "attention_f32",
         include_str!("../../kernels/attention_f32.cu"),
     ),
@@ -83,7 +87,7 @@ pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'s
             .iter()
             .map(|(name, src)| {
                 let opts = CompileOptions {
-                    arch: Some(arch),
+                    arch: Some(arch_for(name, arch)),
                     include_paths: include.to_vec(),
                     options: vec!["--std=c++17".into(), "-lineinfo".into()],
                     ..Default::default()
@@ -117,6 +121,16 @@ fn quiet_catch<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
     r
+}
+
+/// The architecture a source is compiled for: the wgmma kernels need the
+/// architecture-specific target (sm_90a), the rest build for `arch`.
+pub fn arch_for(name: &str, arch: &'static str) -> &'static str {
+    match (name, arch) {
+        ("attention_wgmma", "compute_90") => "compute_90a",
+        ("attention_wgmma", "sm_90") => "sm_90a",
+        _ => arch,
+    }
 }
 
 /// Number of CUDA devices, 0 when the driver library is missing or reports none.

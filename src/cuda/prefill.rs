@@ -17,6 +17,11 @@ pub const BN: usize = 64;
 pub enum Variant {
     Mt1,
     Mt2,
+    /// kernels/attention_wgmma.cu (sm_90a warpgroup MMA, 64 rows per CTA). The value picks
+    /// the shared-memory descriptor offsets (see [`Variant::wgmma_layout`]); which one the
+    /// hardware reads as the layout the kernel writes is established by a self-test
+    /// against the `Mt1` kernel before use.
+    Wg(u8),
 }
 
 impl Variant {
@@ -25,6 +30,7 @@ impl Variant {
         match self {
             Variant::Mt1 => "mt1",
             Variant::Mt2 => "mt2",
+            Variant::Wg(_) => "wgmma",
         }
     }
     /// Query rows per CTA.
@@ -32,12 +38,14 @@ impl Variant {
         match self {
             Variant::Mt1 => 64,
             Variant::Mt2 => 128,
+            Variant::Wg(_) => 64,
         }
     }
     fn kernel_name(self, d: usize) -> String {
         match self {
             Variant::Mt1 => format!("tca_prefill_bf16_d{d}"),
             Variant::Mt2 => format!("tca_prefill_bf16_mt2_d{d}"),
+            Variant::Wg(_) => format!("tca_prefill_wgmma_d{d}"),
         }
     }
     fn smem_bytes(self, d: usize) -> usize {
@@ -45,7 +53,21 @@ impl Variant {
         match self {
             Variant::Mt1 => 3 * 2 * BN * row + 3 * BN * 4,
             Variant::Mt2 => 128 * row + 2 * 2 * BN * row + 2 * BN * 4,
+            Variant::Wg(_) => 2 * 2 * BN * d * 2 + 2 * BN * 4,
         }
+    }
+
+    /// Descriptor byte offsets (K lbo, K sbo, V lbo, V sbo) of the wgmma kernel for head
+    /// dimension d. The kernel writes K tiles as 8-row groups 16 d bytes apart with the
+    /// 16-byte chunks along d 128 bytes apart, and V tiles as d-chunks BN * 16 bytes apart
+    /// with 8-key groups 128 bytes apart. Layout 0 reads "leading = along K, stride =
+    /// along M/N" for both; bit 0 swaps K's pair, bit 1 swaps V's.
+    pub fn wgmma_layout(c: u8, d: usize) -> [i32; 4] {
+        let (kl, ks) = (128, 16 * d as i32);
+        let (vl, vs) = (128, (BN * 16) as i32);
+        let k = if c & 1 == 0 { (kl, ks) } else { (ks, kl) };
+        let v = if c & 2 == 0 { (vl, vs) } else { (vs, vl) };
+        [k.0, k.1, v.0, v.1]
     }
 }
 
@@ -111,10 +133,13 @@ pub fn run_sparse_with(
         sel.window as i32,
     );
     let sl2 = h.scale_log2();
+    let lay = match v {
+        Variant::Wg(c) => Variant::wgmma_layout(c, h.dim),
+        _ => [0; 4],
+    };
     unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&h.q)
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&h.q)
             .arg(&h.k)
             .arg(&h.v)
             .arg(&sel.gk)
@@ -128,14 +153,17 @@ pub fn run_sparse_with(
             .arg(&hq)
             .arg(&hkv)
             .arg(&w)
-            .arg(&sl2)
-            .launch(cfg(
-                (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
-                128,
-                v.smem_bytes(h.dim) as u32,
-            ))
+            .arg(&sl2);
+        if let Variant::Wg(_) = v {
+            b.arg(&lay[0]).arg(&lay[1]).arg(&lay[2]).arg(&lay[3]);
+        }
+        b.launch(cfg(
+            (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
+            128,
+            v.smem_bytes(h.dim) as u32,
+        ))
     }
-    .ctx("tca_prefill_bf16 (sparse)")?;
+    .ctx("tca_prefill (sparse)")?;
     Ok(())
 }
 
@@ -156,10 +184,13 @@ pub fn run_dense_with(
     let sl2 = h.scale_log2();
     let null = 0u64;
     let zero = 0i32;
+    let lay = match v {
+        Variant::Wg(c) => Variant::wgmma_layout(c, h.dim),
+        _ => [0; 4],
+    };
     unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&h.q)
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&h.q)
             .arg(&h.k)
             .arg(&h.v)
             .arg(&null)
@@ -173,13 +204,16 @@ pub fn run_dense_with(
             .arg(&hq)
             .arg(&hkv)
             .arg(&l)
-            .arg(&sl2)
-            .launch(cfg(
-                (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
-                128,
-                v.smem_bytes(h.dim) as u32,
-            ))
+            .arg(&sl2);
+        if let Variant::Wg(_) = v {
+            b.arg(&lay[0]).arg(&lay[1]).arg(&lay[2]).arg(&lay[3]);
+        }
+        b.launch(cfg(
+            (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
+            128,
+            v.smem_bytes(h.dim) as u32,
+        ))
     }
-    .ctx("tca_prefill_bf16 (dense)")?;
+    .ctx("tca_prefill (dense)")?;
     Ok(())
 }
