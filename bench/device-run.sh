@@ -15,9 +15,13 @@ export TCA_CUDA_INCLUDE=/usr/local/cuda/include
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   echo "== wgmma kernel probe (own process) =="
-  WG=$(timeout 60 "$BIN" --out "$OUT" --probe-wgmma 2>&1 | tee /dev/stderr | sed -n 's/^WGMMA_LAYOUT=//p')
-  WGARG=""; case "$WG" in [0-3]) WGARG="--wgmma-layout $WG";; esac
-  echo "wgmma layout: ${WG:-none}"
+  timeout 60 "$BIN" --out "$OUT" --probe-wgmma > /tmp/probe.txt 2>&1; cat /tmp/probe.txt
+  WGARG=""
+  for D in 128 64; do
+    c=$(sed -n "s/^WGMMA_LAYOUT_D$D=//p" /tmp/probe.txt)
+    case "$c" in [0-3]) WGARG="$WGARG --wgmma-d$D $c";; esac
+  done
+  echo "wgmma args: ${WGARG:-none}"
   echo "== correctness (f64 oracle) =="
   timeout 100 "$BIN" --out "$OUT" --check-only $WGARG; echo "check rc=$?"
   if command -v compute-sanitizer >/dev/null; then
