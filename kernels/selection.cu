@@ -50,6 +50,7 @@ __device__ __forceinline__ void logits_body(const u16* __restrict__ Q, const u16
     for (int gi = 0; gi < G; gi++) { m[gi] = NEG_INF; s[gi] = 0.f; }
     const u16* Kh = K + (size_t)kv * L * D;
     const int j_end = min(L, (chunk + 1) * kpc);
+#pragma unroll 4
     for (int j0 = chunk * kpc; j0 < j_end; j0 += KPI) {
         const int j = j0 + slot;
         const int jc = min(j, j_end - 1);

@@ -591,8 +591,12 @@ fn bench_one(
 
     // Decode.
     // Splits sized from the cache's actual length (a decoder knows it after prefill).
-    let max_count = hs.counts.iter().copied().max().unwrap_or(0).max(0) as usize;
-    let mut dsp = DevDecode::new(gpu, &h, max_count + sel.window)?;
+    let lens: Vec<usize> = hs
+        .counts
+        .iter()
+        .map(|&c| c.max(0) as usize + sel.window)
+        .collect();
+    let mut dsp = DevDecode::for_lengths(gpu, &h, &lens)?;
     let mut dde = DevDecode::new(gpu, &h, l)?;
     let mut t_ds = vec![];
     let mut t_dd = vec![];

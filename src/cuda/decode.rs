@@ -45,7 +45,16 @@ impl DevDecode {
     /// the cache's actual length (|S_G| + w), not a capacity. Keys beyond `sk * nsplit`
     /// are not read: [`run_sparse`] checks |S_G| against it on the host when asked.
     pub fn new(gpu: &Gpu, h: &DevHeads, max_keys: usize) -> GpuResult<Self> {
-        let per = (max_keys * h.hkv).div_ceil(TARGET_CTAS).max(1);
+        Self::for_lengths(gpu, h, &vec![max_keys; h.hkv])
+    }
+
+    /// Room for the given cache length of each KV head: the split size comes from the
+    /// total (about TARGET_CTAS non-empty splits over all heads), the number of splits
+    /// from the longest; the splits past a shorter head's end exit at once.
+    pub fn for_lengths(gpu: &Gpu, h: &DevHeads, lens: &[usize]) -> GpuResult<Self> {
+        let total: usize = lens.iter().sum();
+        let max_keys = lens.iter().copied().max().unwrap_or(1);
+        let per = total.div_ceil(TARGET_CTAS).max(1);
         let sk = per.div_ceil(STEP) * STEP;
         let nsplit = max_keys.div_ceil(sk).max(1);
         Ok(DevDecode {

@@ -6,7 +6,7 @@ use super::{cfg, Ctx, DevHeads, Gpu, GpuError, GpuResult};
 use cudarc::driver::{CudaEvent, CudaSlice, PushKernelArg};
 
 /// Keys per CTA of the logits kernel.
-const KPC: usize = 1024;
+const KPC: usize = 128;
 
 /// The selection knobs the kernels take (SPEC 1), and the budget of each rank per KV
 /// head, `table[kv * nb + r]` = t_r before clipping (from the head's configuration p,
