@@ -18,7 +18,8 @@ fn main() -> ExitCode {
                 let src = p.to_src();
                 let entries = tca::cuda::entry_names(&src);
                 println!(
-                    "kernels/{name}.cu: PTX for {arch}, {} bytes, {} kernels: {}",
+                    "kernels/{name}.cu: PTX for {}, {} bytes, {} kernels: {}",
+                    tca::cuda::arch_for(name, arch),
                     src.len(),
                     entries.len(),
                     entries.join(" ")
