@@ -149,6 +149,10 @@ pub struct DecodeReport {
     pub max_gamma: f64,
     /// max over steps and query heads of ||O - O~||_2 / ||O||_2.
     pub max_rel_err: f64,
+    /// Wall time spent in the cache (attention over it and compaction), summed over KV
+    /// heads and divided by the steps: one thread's time to decode a token for the layer.
+    /// The comparison with exact attention is not counted.
+    pub seconds_per_step: f64,
 }
 
 /// Prefills on the first `prefill_len` tokens with TCA, then decodes the remaining
@@ -167,7 +171,9 @@ pub fn decode(
     }
     let prefix = heads.prefix(prefill_len)?;
     let sel = select(&prefix, cfg, budgets)?;
-    let per_head: Vec<(HeadCacheReport, Vec<(f64, f64)>)> = (0..heads.num_kv_heads())
+    // Per KV head: its report, (gamma, rel. error) per step and query head, seconds.
+    type HeadRun = (HeadCacheReport, Vec<(f64, f64)>, f64);
+    let per_head: Vec<HeadRun> = (0..heads.num_kv_heads())
         .into_par_iter()
         .map(|kv| {
             let (k, v) = (heads.k(kv), heads.v(kv));
@@ -188,21 +194,32 @@ pub fn decode(
             let mut peak = cache.len();
             let mut added_global = 0;
             let mut per_step = Vec::new();
+            let mut in_cache = std::time::Duration::ZERO;
             for t in prefill_len..heads.len() {
+                let start = std::time::Instant::now();
                 cache.window.push(k.row(t), v.row(t), t);
+                let outs: Vec<(Vec<f64>, Array1<f64>)> = heads
+                    .q_heads_of(kv)
+                    .map(|h| cache.attend(heads.q(h).row(t), heads.scale()))
+                    .collect();
+                let probs = pool(
+                    outs.iter().map(|o| o.0.clone()),
+                    heads.group(),
+                    cfg.gqa_reduce,
+                );
+                in_cache += start.elapsed();
                 peak = peak.max(cache.len());
                 let pos: Vec<usize> = cache.positions().collect();
-                let rows = heads.q_heads_of(kv).map(|h| {
-                    let (p, o_cache) = cache.attend(heads.q(h).row(t), heads.scale());
-                    per_step.push(compare(heads, h, t, &pos, &o_cache));
-                    p
-                });
-                let probs = pool(rows, heads.group(), cfg.gqa_reduce);
+                for (h, (_, o_cache)) in heads.q_heads_of(kv).zip(&outs) {
+                    per_step.push(compare(heads, h, t, &pos, o_cache));
+                }
+                let start = std::time::Instant::now();
                 if cache.window_len() >= cfg.window + cfg.block_size {
                     let before = cache.global_len();
                     cache.compact(cfg.block_size, &probs);
                     added_global += cache.global_len() - before;
                 }
+                in_cache += start.elapsed();
             }
             let report = HeadCacheReport {
                 kv_head: kv,
@@ -215,20 +232,22 @@ pub fn decode(
                 compactions: cache.compactions,
                 block_keep: cache.block_keep,
             };
-            (report, per_step)
+            (report, per_step, in_cache.as_secs_f64())
         })
         .collect();
-    let errs: Vec<(f64, f64)> = per_head.iter().flat_map(|(_, e)| e.clone()).collect();
+    let errs: Vec<(f64, f64)> = per_head.iter().flat_map(|(_, e, _)| e.clone()).collect();
+    let steps = heads.len() - prefill_len;
     let n = errs.len().max(1) as f64;
     Ok(DecodeReport {
         prefill_len,
-        steps: heads.len() - prefill_len,
+        steps,
         full_tokens: heads.len(),
         full_kv_bytes: heads.len() * 2 * heads.dim() * std::mem::size_of::<f64>(),
         mean_gamma: errs.iter().map(|e| e.0).sum::<f64>() / n,
         max_gamma: errs.iter().map(|e| e.0).fold(0.0, f64::max),
         max_rel_err: errs.iter().map(|e| e.1).fold(0.0, f64::max),
-        heads: per_head.into_iter().map(|(r, _)| r).collect(),
+        seconds_per_step: per_head.iter().map(|x| x.2).sum::<f64>() / steps as f64,
+        heads: per_head.into_iter().map(|(r, _, _)| r).collect(),
     })
 }
 

@@ -14,6 +14,8 @@ pub mod cuda;
 pub mod data;
 pub mod decode;
 pub mod error;
+pub mod experiments;
+pub mod model;
 pub mod reference;
 pub mod selection;
 

@@ -10,9 +10,10 @@ pub mod readings;
 pub use readings::{summarize, Reading, ReadingSummary, Summary, TOL};
 
 use crate::data::Heads;
-use crate::error::{Result, TcaError};
+use crate::error::Result;
 use crate::reference::causal_row;
-use crate::selection::{sparse_row, Selection};
+use crate::selection::sparse::check_shape;
+use crate::selection::{sparse_row, KeySets};
 use ndarray::{Array1, ArrayView2};
 use rayon::prelude::*;
 
@@ -36,6 +37,19 @@ pub struct QueryAudit {
     pub vdiam_l2: f64,
     /// ||e_i - gamma_i (mu_out - mu_in)||_inf.
     pub identity_residual: f64,
+    /// ||O_i||_2 of the exact output (for relative errors).
+    pub out_l2: f64,
+}
+
+impl QueryAudit {
+    /// ||e_i||_2 / ||O_i||_2 (0 when both vanish).
+    pub fn rel_err(&self) -> f64 {
+        if self.out_l2 > 0.0 {
+            self.err_l2 / self.out_l2
+        } else {
+            self.err_l2
+        }
+    }
 }
 
 /// Per-position prefix statistics of one KV head's V: max |entry|, max row l1 norm and
@@ -91,12 +105,8 @@ impl PrefixStats {
 
 /// Audits every (query head, query) of a layer under `sel`: O_i from the full causal row,
 /// O~_i from the sparse path's own softmax over S_i, and the identity's two sides.
-pub fn audit(heads: &Heads, sel: &Selection) -> Result<Vec<QueryAudit>> {
-    if sel.len != heads.len() || sel.heads.len() != heads.num_kv_heads() {
-        return Err(TcaError::Shape(
-            "the selection was made for another input shape".into(),
-        ));
-    }
+pub fn audit(heads: &Heads, sel: &dyn KeySets) -> Result<Vec<QueryAudit>> {
+    check_shape(heads, sel)?;
     let stats: Vec<PrefixStats> = (0..heads.num_kv_heads())
         .map(|kv| PrefixStats::new(heads.v(kv)))
         .collect();
@@ -107,12 +117,18 @@ pub fn audit(heads: &Heads, sel: &Selection) -> Result<Vec<QueryAudit>> {
         .collect())
 }
 
-fn audit_query(heads: &Heads, sel: &Selection, st: &PrefixStats, h: usize, i: usize) -> QueryAudit {
+fn audit_query(
+    heads: &Heads,
+    sel: &dyn KeySets,
+    st: &PrefixStats,
+    h: usize,
+    i: usize,
+) -> QueryAudit {
     let kv = heads.kv_of(h);
     let v = heads.v(kv);
     let (p, _) = causal_row(heads, h, i);
     let mut kept_mask = vec![false; i + 1];
-    sel.keys(kv, i).for_each(|j| kept_mask[j] = true);
+    sel.keys(h, i).into_iter().for_each(|j| kept_mask[j] = true);
     let d = heads.dim();
     let (mut sum_in, mut sum_out) = (Array1::<f64>::zeros(d), Array1::<f64>::zeros(d));
     let (mut gamma, mut kept_mass) = (0.0, 0.0);
@@ -144,5 +160,6 @@ fn audit_query(heads: &Heads, sel: &Selection, st: &PrefixStats, h: usize, i: us
         vrow_l1_max: st.max_row_l1[i],
         vdiam_l2: st.diam_l2[i],
         identity_residual,
+        out_l2: o.dot(&o).sqrt(),
     }
 }

@@ -3,7 +3,7 @@
 use super::report::{verdict_table, write_audit};
 use crate::bound::{audit, summarize, Summary};
 use crate::calibration::{calibrate as calibrate_layer_profile, Profile};
-use crate::config::Config;
+use crate::config::{Config, Criterion};
 use crate::data::{
     load_safetensors, save_safetensors, synth as make_synth, HeadKind, Heads, SaveDtype, SynthSpec,
 };
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The configuration of the main job, embedded in the binary.
-pub const SYNTHETIC_CONFIG: &str = include_str!("../../configs/synthetic.toml");
+pub use crate::experiments::BASE_CONFIG as SYNTHETIC_CONFIG;
 
 /// Where the Q/K/V come from and under which configuration.
 #[derive(Args, Debug, Clone)]
@@ -111,12 +111,24 @@ pub struct DecodeArgs {
 
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
-    /// Output folder; reproduce owns it and replaces the files it wrote before.
+    /// Folder for the verdict tables; reproduce owns it and replaces what it wrote before.
     #[arg(long, default_value = "results/reproduce")]
     pub out: PathBuf,
+    /// Folder for the figures (default figures/, or figures/quick with --quick).
+    #[arg(long)]
+    pub figures: Option<PathBuf>,
     /// Smaller shapes, for a run of seconds.
     #[arg(long)]
     pub quick: bool,
+    /// Real layers captured from a model (tensors layer{N}.q/k/v) for the figures.
+    #[arg(long)]
+    pub capture: Option<PathBuf>,
+    /// Only the verdict tables, no figures.
+    #[arg(long)]
+    pub no_figures: bool,
+    /// Figures from synthetic heads only (no real layers from the fetched model).
+    #[arg(long)]
+    pub synthetic_only: bool,
 }
 
 /// The budgets of a layer: from a profile checked against the input, else calibrated
@@ -268,70 +280,111 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Shape of the main job's synthetic layers: SmolLM2's attention (9 query heads, 3 KV
-/// heads, d = 64) at 2K tokens, or a small one with `--quick`.
-fn reproduce_spec(kind: HeadKind, quick: bool) -> SynthSpec {
-    let (q_heads, kv_heads, len, dim) = if quick {
-        (4, 2, 512, 32)
-    } else {
-        (9, 3, 2048, 64)
-    };
-    SynthSpec {
-        kind,
-        q_heads,
-        kv_heads,
-        len,
-        dim,
-        seed: 2512_09238 + kind as u64,
-    }
-}
-
 pub fn reproduce(a: ReproduceArgs) -> Result<()> {
-    let cfg = Config::from_toml_str(SYNTHETIC_CONFIG)?;
-    let mut rows = String::from("kind,reading,holds,violations,worst_ratio,mean_gamma,frac_gamma_above_1_minus_tau,mean_kept_fraction\n");
-    for kind in HeadKind::ALL {
-        let spec = reproduce_spec(kind, a.quick);
-        let heads = make_synth(&spec)?.heads;
-        let prof = calibrate_layer_profile(&heads, &cfg, 0)?;
-        let budgets = prof.budgets(0)?;
-        let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
-        let dir = a.out.join(kind.name());
-        write_audit(&dir, &audits, &summary, true)?;
-        prof.save(&dir.join("profile.json"), true)?;
-        println!(
-            "== {} head: Hq = {}, Hkv = {}, L = {}, d = {}, seed {}; tau = {}, b = {}, w = {}; E[k] per KV head {:?}",
-            kind.name(),
-            spec.q_heads,
-            spec.kv_heads,
-            spec.len,
-            spec.dim,
-            spec.seed,
-            cfg.tau,
-            cfg.block_size,
-            cfg.window,
-            prof.layers[0]
-                .heads
-                .iter()
-                .map(|h| (h.expected_budget * 10.0).round() / 10.0)
-                .collect::<Vec<_>>()
-        );
-        print!("{}", verdict_table(&summary));
-        for (key, r) in &summary.readings {
-            rows.push_str(&format!(
-                "{},{},{},{},{:e},{:e},{},{}\n",
+    let base = Config::from_toml_str(SYNTHETIC_CONFIG)?;
+    let mut rows = String::from("criterion,kind,reading,holds,violations,worst_ratio,mean_gamma,frac_gamma_above_1_minus_tau,mean_kept_fraction,reached_tau\n");
+    let mut overview = String::new();
+    for criterion in [Criterion::Column, Criterion::Mass] {
+        let cfg = Config {
+            criterion,
+            ..base.clone()
+        };
+        let crit = if criterion == Criterion::Column {
+            "column"
+        } else {
+            "mass"
+        };
+        for kind in HeadKind::ALL {
+            let spec = crate::experiments::synthetic_spec(kind, a.quick);
+            let heads = make_synth(&spec)?.heads;
+            let prof = calibrate_layer_profile(&heads, &cfg, 0)?;
+            let budgets = prof.budgets(0)?;
+            let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
+            let dir = a.out.join(crit).join(kind.name());
+            write_audit(&dir, &audits, &summary, true)?;
+            prof.save(&dir.join("profile.json"), true)?;
+            let heads_p = &prof.layers[0].heads;
+            let reached = heads_p.iter().filter(|h| h.reached_tau).count();
+            println!(
+                "== {} head, criterion {crit}: Hq = {}, Hkv = {}, L = {}, d = {}, seed {}; tau = {}, b = {}, w = {}; E[k] per KV head {:?}, {reached}/{} reached tau",
                 kind.name(),
-                key,
-                r.holds,
-                r.violations,
-                r.worst_ratio,
+                spec.q_heads,
+                spec.kv_heads,
+                spec.len,
+                spec.dim,
+                spec.seed,
+                cfg.tau,
+                cfg.block_size,
+                cfg.window,
+                heads_p
+                    .iter()
+                    .map(|h| (h.expected_budget * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>(),
+                heads_p.len()
+            );
+            print!("{}", verdict_table(&summary));
+            let fails: Vec<&str> = summary
+                .readings
+                .iter()
+                .filter(|(_, r)| !r.holds)
+                .map(|(k, _)| *k)
+                .collect();
+            overview.push_str(&format!(
+                "{crit:<7} {:<10} {:>9.4} {:>11.3e} {:>13.2}% {:>7}/{}  {}\n",
+                kind.name(),
+                summary.mean_kept_fraction,
                 summary.mean_gamma,
-                summary.frac_gamma_above_1_minus_tau,
-                summary.mean_kept_fraction
+                100.0 * summary.frac_gamma_above_1_minus_tau,
+                reached,
+                heads_p.len(),
+                if fails.is_empty() {
+                    "-".to_string()
+                } else {
+                    fails.join(", ")
+                }
             ));
+            for (key, r) in &summary.readings {
+                rows.push_str(&format!(
+                    "{crit},{},{},{},{},{:e},{:e},{},{},{}\n",
+                    kind.name(),
+                    key,
+                    r.holds,
+                    r.violations,
+                    r.worst_ratio,
+                    summary.mean_gamma,
+                    summary.frac_gamma_above_1_minus_tau,
+                    summary.mean_kept_fraction,
+                    reached
+                ));
+            }
         }
     }
     let path = a.out.join("verdicts.csv");
     crate::data::write_new(&path, rows.as_bytes(), true)?;
-    println!("wrote {} and one folder per head type", path.display());
+    println!("\n== overview (identity, linf_entrymax, l1_induced, l2_diameter are checked too)");
+    println!(
+        "criterion kind       kept_frac  mean_gamma  gamma>1-tau  reached  readings that fail"
+    );
+    print!("{overview}");
+    println!(
+        "wrote {} and one folder per criterion and head type",
+        path.display()
+    );
+    if !a.no_figures {
+        let exp = crate::experiments::ExperimentArgs {
+            out: a.figures.clone(),
+            quick: a.quick,
+            capture: a.capture.clone(),
+            model: crate::model::assets::MODEL_NAME.into(),
+            synthetic_only: a.synthetic_only,
+        };
+        let ctx = exp.context()?;
+        let files = crate::experiments::run_all(&ctx)?;
+        println!(
+            "wrote {} figure and table files to {}",
+            files.len(),
+            ctx.out.display()
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `tca` command line: each subcommand is a thin layer over the library.
 
 pub mod commands;
+pub mod model;
 pub mod report;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,10 @@ pub enum Command {
     Decode(commands::DecodeArgs),
     /// The main job: calibrate and audit every synthetic head type (embedded defaults).
     Reproduce(commands::ReproduceArgs),
+    /// Capture per-layer post-RoPE Q, K, V of SmolLM2-135M on a text.
+    Capture(model::CaptureArgs),
+    /// Perplexity of SmolLM2-135M on a text.
+    Perplexity(model::PerplexityArgs),
 }
 
 /// Runs a parsed command line.
@@ -35,5 +40,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Synth(a) => commands::synth(a),
         Command::Decode(a) => commands::decode(a),
         Command::Reproduce(a) => commands::reproduce(a),
+        Command::Capture(a) => model::run_capture(a),
+        Command::Perplexity(a) => model::run_perplexity(a),
     }
 }

@@ -31,12 +31,22 @@ pub enum SaveDtype {
 /// `{prefix}k`, `{prefix}v` (e.g. "layer3." for a multi-layer capture; "" for plain).
 pub fn load_safetensors(path: &Path, prefix: &str) -> Result<Heads> {
     let bytes = std::fs::read(path).map_err(|e| TcaError::io(path, e))?;
+    heads_from(&parse(path, &bytes)?, path, prefix)
+}
+
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| TcaError::Format {
+        path: path.into(),
+        msg: format!("not a safetensors file: {e}"),
+    })
+}
+
+/// The layer `{prefix}q/k/v` of an opened file.
+fn heads_from(st: &SafeTensors<'_>, path: &Path, prefix: &str) -> Result<Heads> {
     let fmt = |msg: String| TcaError::Format {
         path: path.into(),
         msg,
     };
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| fmt(format!("not a safetensors file: {e}")))?;
     let get = |name: &str| -> Result<Array3<f64>> {
         let full = format!("{prefix}{name}");
         let t = st.tensor(&full).map_err(|_| {
@@ -115,4 +125,26 @@ pub fn save_safetensors(
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| TcaError::Invalid(e.to_string()))?;
     write_new(path, &bytes, force)
+}
+
+/// Every layer of a multi-layer capture (tensors `layer{N}.q/k/v`), by layer index.
+pub fn load_capture_layers(path: &Path) -> Result<Vec<(usize, Heads)>> {
+    let bytes = std::fs::read(path).map_err(|e| TcaError::io(path, e))?;
+    let st = parse(path, &bytes)?;
+    let mut layers: Vec<usize> = st
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("layer")?.strip_suffix(".q")?.parse().ok())
+        .collect();
+    layers.sort_unstable();
+    if layers.is_empty() {
+        return Err(TcaError::Format {
+            path: path.into(),
+            msg: "no tensors named layer{N}.q: not a multi-layer capture".into(),
+        });
+    }
+    layers
+        .into_iter()
+        .map(|l| Ok((l, heads_from(&st, path, &format!("layer{l}."))?)))
+        .collect()
 }

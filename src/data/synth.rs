@@ -2,15 +2,18 @@
 //! patterns the paper shows (Fig. 1) and a retrieval head with planted needles.
 //!
 //! Construction (per KV head, d >= 4): an orthonormal frame {e_s, e_c, e_n, e_r} drawn
-//! from the seed; all of q and k carry Gaussian noise N(0, 0.3^2) per entry, v is
-//! N(0, 1) per entry. A planted logit gap G along a direction e adds sqrt(G sqrt(d)) e
+//! from the seed; q and k carry Gaussian noise N(0, 0.3^2) per entry, projected off the
+//! frame (so planted scores are exact but for noise . noise terms), v is N(0, 1) per
+//! entry. A planted logit gap G along a direction e adds sqrt(G sqrt(d)) e
 //! to the query and to the key, so their score gains G after the 1/sqrt(d) scale.
 //! - `uniform`: noise only: every row is close to uniform.
 //! - `sink`: key 0 and every query share e_s with G = ln L + 3: token 0 takes most mass.
 //! - `terminal`: a rotary band: q_i and k_j carry A (cos(i theta) e_c + sin(i theta) e_r),
 //!   theta = pi / L, A^2 / sqrt(d) = 50, so the score is 50 cos((i - j) theta): each
 //!   query attends to its recent past and the last query to the end of the sequence.
-//! - `bipolar`: the band plus a sink of gap ln(L / 13.5): mass at both ends.
+//! - `bipolar`: the band plus a sink of gap 50 + ln(L / 20) on key 0 (kept off the band,
+//!   level with the band's peak score of 50):
+//!   mass at both ends.
 //! - `retrieval`: n = max(2, L / 256) needle keys at seeded positions in [L/20, 0.9 L)
 //!   and the last max(1, L / 16) queries share e_n with G = ln L + 3: the question
 //!   at the end retrieves the needles.
@@ -110,10 +113,27 @@ pub fn synth(spec: &SynthSpec) -> Result<Synth> {
     let lf = l as f64;
     let amp = |gap: f64| (gap.max(0.0) * (d as f64).sqrt()).sqrt();
     let mut needles = vec![Vec::new(); kv_heads];
-    for kv in 0..kv_heads {
+    for (kv, needles_kv) in needles.iter_mut().enumerate() {
         let frame = orthonormal_frame(&mut rng, d, 4);
         let (e_s, e_c, e_n, e_r) = (&frame[0], &frame[1], &frame[2], &frame[3]);
         let qh = kv * g..(kv + 1) * g;
+        // Noise lives off the frame, so planted scores are exact up to noise . noise.
+        let project_out = |mut x: ndarray::ArrayViewMut1<'_, f64>| {
+            for e in &frame {
+                let c = x.dot(e);
+                x.scaled_add(-c, e);
+            }
+        };
+        for h in qh.clone() {
+            q.index_axis_mut(ndarray::Axis(0), h)
+                .rows_mut()
+                .into_iter()
+                .for_each(project_out);
+        }
+        k.index_axis_mut(ndarray::Axis(0), kv)
+            .rows_mut()
+            .into_iter()
+            .for_each(project_out);
         let mut add_q = |i: usize, e: &Array1<f64>, a: f64| {
             for h in qh.clone() {
                 q.slice_mut(ndarray::s![h, i, ..]).scaled_add(a, e);
@@ -121,12 +141,13 @@ pub fn synth(spec: &SynthSpec) -> Result<Synth> {
         };
         let sink_gap = match kind {
             HeadKind::Sink => Some(lf.ln() + 3.0),
-            HeadKind::Bipolar => Some((lf / 13.5).ln()),
+            HeadKind::Bipolar => Some(BAND_GAP + (lf / 20.0).ln()),
             _ => None,
         };
         if let Some(gap) = sink_gap {
             let a = amp(gap);
-            k.slice_mut(ndarray::s![kv, 0, ..]).scaled_add(a, e_s);
+            // The sink key is exactly a e_s: no noise to shift its score per head.
+            k.slice_mut(ndarray::s![kv, 0, ..]).assign(&(e_s * a));
             (0..l).for_each(|i| add_q(i, e_s, a));
         }
         if matches!(kind, HeadKind::Terminal | HeadKind::Bipolar) {
@@ -136,7 +157,11 @@ pub fn synth(spec: &SynthSpec) -> Result<Synth> {
                 let (s, c) = (i as f64 * theta).sin_cos();
                 let band = e_c * c + e_r * s;
                 add_q(i, &band, a);
-                k.slice_mut(ndarray::s![kv, i, ..]).scaled_add(a, &band);
+                // The bipolar head's sink key stays off the band (it would score
+                // -50 at the far end and hide the sink).
+                if !(kind == HeadKind::Bipolar && i == 0) {
+                    k.slice_mut(ndarray::s![kv, i, ..]).scaled_add(a, &band);
+                }
             }
         }
         if kind == HeadKind::Retrieval {
@@ -155,7 +180,7 @@ pub fn synth(spec: &SynthSpec) -> Result<Synth> {
                 k.slice_mut(ndarray::s![kv, p, ..]).scaled_add(a, e_n);
             }
             (l - (l / 16).max(1)..l).for_each(|i| add_q(i, e_n, a));
-            needles[kv] = pos;
+            *needles_kv = pos;
         }
     }
     Ok(Synth {

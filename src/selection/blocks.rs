@@ -29,7 +29,8 @@ pub fn redundancy(s: &[f64], blocks: &[std::ops::Range<usize>], cfg: &Config) ->
         .zip(&mass)
         .map(|(r, &m)| {
             if m > 0.0 {
-                1.0 - s[r.clone()].iter().map(|x| x * x).sum::<f64>() / (m * m)
+                // sum (s_i / m)^2, not sum s_i^2 / m^2: m^2 underflows for tiny masses.
+                1.0 - s[r.clone()].iter().map(|x| (x / m) * (x / m)).sum::<f64>()
             } else {
                 0.0
             }

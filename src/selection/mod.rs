@@ -4,10 +4,11 @@
 pub mod blocks;
 pub mod budget;
 pub mod importance;
+pub mod policies;
 pub mod select;
 pub mod sparse;
 
 pub use budget::{candidates, Budget, Candidate};
 pub use importance::importance;
-pub use select::{key_set, select, window_start, HeadRanking, HeadSelection, Selection};
+pub use select::{key_set, select, window_start, HeadRanking, HeadSelection, KeySets, Selection};
 pub use sparse::{sparse_attention, sparse_row};

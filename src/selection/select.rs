@@ -70,13 +70,34 @@ pub struct HeadSelection {
 pub struct Selection {
     pub window: usize,
     pub len: usize,
+    /// GQA group g: query head h reads KV head h / g.
+    pub group: usize,
     pub heads: Vec<HeadSelection>,
+}
+
+/// What a selector keeps: S_i for every (query head h, query i), ascending, unique and
+/// within [0, i]. TCA's [`Selection`] and the peer policies implement it, so the sparse
+/// attention, the bound audit and the experiments treat every policy alike.
+pub trait KeySets: Sync {
+    /// (query heads, L) the key sets were made for.
+    fn shape(&self) -> (usize, usize);
+    /// S_i of query head `h`.
+    fn keys(&self, h: usize, i: usize) -> Vec<usize>;
+}
+
+impl KeySets for Selection {
+    fn shape(&self) -> (usize, usize) {
+        (self.heads.len() * self.group, self.len)
+    }
+    fn keys(&self, h: usize, i: usize) -> Vec<usize> {
+        self.kv_keys(h / self.group, i).collect()
+    }
 }
 
 impl Selection {
     /// S_i of KV head `kv` in ascending order: the global positions before the window,
     /// then W_i = [max(0, i - w + 1), i]. No position appears twice.
-    pub fn keys(&self, kv: usize, i: usize) -> impl Iterator<Item = usize> + '_ {
+    pub fn kv_keys(&self, kv: usize, i: usize) -> impl Iterator<Item = usize> + '_ {
         key_set(&self.heads[kv].global, self.window, i)
     }
 
@@ -132,6 +153,7 @@ pub fn select(heads: &Heads, cfg: &Config, budgets: &[Budget]) -> Result<Selecti
     Ok(Selection {
         window: cfg.window,
         len: heads.len(),
+        group: heads.group(),
         heads: heads_sel,
     })
 }

@@ -1,0 +1,21 @@
+//! A real pretrained causal LM in the harness: SmolLM2-135M-Instruct from its GGUF
+//! (see `docs/model.md`).
+//!
+//! - [`gguf`]: a bounds-checked GGUF reader;
+//! - [`quant`]: F32/F16/Q8_0/Q4_1 dequantisation;
+//! - [`tokenizer`]: GPT-2 byte-level BPE from the GGUF vocabulary and merges;
+//! - [`attention`]: the pluggable [`AttentionPolicy`] and its [`Exact`] implementation;
+//! - [`llama`]: the f32 forward pass (prefill, scoring, Q/K/V capture, KV-cache decode);
+//! - [`assets`]: where the model and texts are found.
+
+pub mod assets;
+pub mod attention;
+pub mod gguf;
+pub mod llama;
+pub mod quant;
+pub mod tokenizer;
+
+pub use attention::{AttentionPolicy, Exact};
+pub use gguf::GgufFile;
+pub use llama::{Capture, KvCache, Llama, LlamaConfig, Model, Qkv, QkvHook, Score};
+pub use tokenizer::Tokenizer;
