@@ -26,7 +26,7 @@ fn synthetic_layer_feeds_the_oracle_selection() {
     assert_eq!(sel.heads.len(), 2);
     let p = select_params(320, &cfg, &budgets).unwrap();
     assert_eq!(p.table.len(), 2 * 16);
-    assert_eq!(layer.needles[1].is_empty(), false);
+    assert!(!layer.needles[1].is_empty());
 }
 
 #[test]
