@@ -149,8 +149,6 @@ pub struct Gpu {
     /// Each module with the kernel names its PTX defines.
     modules: Vec<(Arc<CudaModule>, Vec<String>)>,
     funcs: std::sync::Mutex<HashMap<String, CudaFunction>>,
-    /// Dynamic shared memory limits already raised, per kernel.
-    smem_set: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 impl Gpu {
@@ -189,7 +187,6 @@ impl Gpu {
             stream,
             modules,
             funcs: std::sync::Mutex::new(HashMap::new()),
-            smem_set: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -211,22 +208,6 @@ impl Gpu {
             }
         }
         Err(GpuError::Invalid(format!("kernel {name} not found")))
-    }
-
-    /// The kernel `name` with its dynamic shared memory limit raised to at least `bytes`
-    /// (once per kernel and size: the attribute call costs host time on every launch).
-    pub fn func_with_smem(&self, name: &str, bytes: usize) -> GpuResult<CudaFunction> {
-        let f = self.func(name)?;
-        let mut set = self.smem_set.lock().expect("smem table poisoned");
-        if set.get(name).copied().unwrap_or(0) < bytes {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .ctx(&format!("cuFuncSetAttribute({name}, dynamic shared memory)"))?;
-            set.insert(name.to_string(), bytes);
-        }
-        Ok(f)
     }
 
     /// Device name.

@@ -3,6 +3,7 @@
 
 use super::selection::DevSelection;
 use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
 /// Keys per tile (both kernels).
@@ -95,7 +96,13 @@ impl DevAttention {
 }
 
 fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
-    gpu.func_with_smem(&v.kernel_name(d), v.smem_bytes(d))
+    let f = gpu.func(&v.kernel_name(d))?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        v.smem_bytes(d) as i32,
+    )
+    .ctx("cuFuncSetAttribute(max dynamic shared memory)")?;
+    Ok(f)
 }
 
 /// TCA sparse prefill: query i attends to S_G's keys at positions <= i - w (read from
