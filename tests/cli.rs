@@ -366,7 +366,7 @@ fn nothing_is_overwritten_without_force() {
 #[test]
 fn reproduce_quick_writes_every_head_type() {
     let f = Fixture::new();
-    let out = ok(&["reproduce", "--quick", "--out", &f.s("rep")]);
+    let out = ok(&["reproduce", "--quick", "--no-figures", "--out", &f.s("rep")]);
     for crit in ["column", "mass"] {
         for kind in ["uniform", "bipolar", "terminal", "sink", "retrieval"] {
             assert!(

@@ -37,6 +37,7 @@ fn subsample(audits: &[QueryAudit]) -> Vec<&QueryAudit> {
 
 struct Scatter<'a> {
     title: String,
+    real_layers: usize,
     layers: Vec<(&'a Layer, &'a Evaluation)>,
     tau: f64,
 }
@@ -83,22 +84,39 @@ impl Figure for Scatter<'_> {
                 .map_err(de)?;
             chart
                 .configure_mesh()
+                .x_label_formatter(&|v| super::plot::fmt_num(v))
+                .y_label_formatter(&|v| super::plot::fmt_num(v))
+                .light_line_style(WHITE.mix(0.0))
                 .x_desc("bound (right-hand side)")
                 .y_desc("observed error (left-hand side)")
                 .label_style(font(12))
                 .axis_desc_style(font(13))
                 .draw()
                 .map_err(de)?;
-            for (i, (l, e)) in self.layers.iter().enumerate() {
+            // Synthetic head types one colour each; all real layers share one.
+            let mut groups: Vec<(String, Vec<&QueryAudit>)> = Vec::new();
+            for (l, e) in &self.layers {
+                let name = match l.kind {
+                    Some(_) => l.label.clone(),
+                    None => format!("{} ({} layers)", l.source, self.real_layers),
+                };
+                let pts = subsample(&e.audits);
+                match groups.iter_mut().find(|g| g.0 == name) {
+                    Some(g) => g.1.extend(pts),
+                    None => groups.push((name, pts)),
+                }
+            }
+            // Real layers first, so the synthetic points stay visible on top.
+            for (i, (name, pts)) in groups.iter().enumerate().rev() {
                 let c = color(i);
                 chart
-                    .draw_series(subsample(&e.audits).into_iter().filter_map(|a| {
+                    .draw_series(pts.iter().filter_map(|a| {
                         let (b, err) = sides(r, a, self.tau);
                         (b > 0.0 && err > 0.0)
-                            .then(|| Circle::new((b, err), 2, c.mix(0.6).filled()))
+                            .then(|| Circle::new((b, err), 2, c.mix(0.5).filled()))
                     }))
                     .map_err(de)?
-                    .label(l.label.clone())
+                    .label(name.clone())
                     .legend(move |(x, y)| Circle::new((x + 6, y), 4, c.filled()));
             }
             chart
@@ -116,7 +134,7 @@ impl Figure for Scatter<'_> {
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .label_font(font(12))
-                .position(SeriesLabelPosition::LowerRight)
+                .position(SeriesLabelPosition::UpperLeft)
                 .draw()
                 .map_err(de)?;
         }
@@ -157,8 +175,14 @@ impl Figure for GammaCdf {
     }
 }
 
-/// (title, row labels, column labels, values by row).
-type HeatPanel = (String, Vec<String>, Vec<String>, Vec<Vec<f64>>);
+/// (title, row labels, column labels, values by row, cell texts by row).
+type HeatPanel = (
+    String,
+    Vec<String>,
+    Vec<String>,
+    Vec<Vec<f64>>,
+    Vec<Vec<String>>,
+);
 
 struct Budgets {
     title: String,
@@ -173,12 +197,12 @@ impl Figure for Budgets {
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let root = root.titled(&self.title, font(16)).map_err(de)?;
-        for (area, (t, rows, cols, v)) in root
+        for (area, (t, rows, cols, v, txt)) in root
             .split_evenly((1, self.panels.len()))
             .iter()
             .zip(&self.panels)
         {
-            heatmap_panel(area, t, rows, cols, v, (0.0, self.max))?;
+            heatmap_panel(area, t, rows, cols, v, txt, (0.0, self.max))?;
         }
         Ok(())
     }
@@ -236,6 +260,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     files.extend(render(
         &stem,
         &Scatter {
+            real_layers: ctx.real.len(),
             title: format!(
                 "Theorem 1 readings on {src}: observed error vs bound per query ({})",
                 config_label(cfg)
@@ -317,6 +342,22 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     .collect()
             })
             .collect();
+        let texts: Vec<Vec<String>> = sel
+            .iter()
+            .map(|(_, e)| {
+                e.profile.layers[0]
+                    .heads
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "{:.1}{}",
+                            h.expected_budget,
+                            if h.reached_tau { "" } else { "*" }
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
         for (l, e) in &sel {
             for h in &e.profile.layers[0].heads {
                 src_c.push(l.source.clone());
@@ -329,10 +370,14 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             }
         }
         panels.push((
-            format!("{name}: E_p[k] per block (b = {})", cfg.block_size),
+            format!(
+                "{name}: E_p[k] per block (b = {}); * = tau not reached",
+                cfg.block_size
+            ),
             rows,
             cols,
             vals,
+            texts,
         ));
     }
     let mut df = df!("source" => src_c, "layer" => lab, "kv_head" => kvh, "m" => m,

@@ -147,8 +147,9 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     dashed: true,
                 });
             }
+            let floor = if logy { " (floor 1e-8)" } else { "" };
             panels.push((
-                format!("{ylabel} vs {p}"),
+                format!("{ylabel} vs {p}{floor}"),
                 xlabel(p).to_string(),
                 ylabel.to_string(),
                 logy,

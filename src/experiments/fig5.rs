@@ -101,8 +101,9 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let floor = if logy { " (floor 1e-8)" } else { "" };
             panels.push((
-                format!("{crit} criterion: {ylabel}"),
+                format!("{crit} criterion: {ylabel}{floor}"),
                 ylabel.to_string(),
                 logy,
                 series,

@@ -58,7 +58,7 @@ pub fn render(stem: &Path, fig: &impl Figure) -> Result<Vec<PathBuf>> {
 
 /// Distinct colours for series (colour-blind-friendly order first).
 pub fn color(i: usize) -> RGBColor {
-    const P: [RGBColor; 8] = [
+    const P: [RGBColor; 12] = [
         RGBColor(0, 114, 178),
         RGBColor(213, 94, 0),
         RGBColor(0, 158, 115),
@@ -67,6 +67,10 @@ pub fn color(i: usize) -> RGBColor {
         RGBColor(86, 180, 233),
         RGBColor(120, 120, 120),
         RGBColor(0, 0, 0),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(188, 189, 34),
+        RGBColor(214, 39, 40),
     ];
     P[i % P.len()]
 }
@@ -311,14 +315,15 @@ pub fn bar_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// A heat map of `values[row][col]` with a colour bar legend in the title range and the
-/// value written in each cell.
+/// A heat map of `values[row][col]` coloured over [lo, hi] (viridis), with `texts` written
+/// in the cells.
 pub fn heatmap_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
     row_labels: &[String],
     col_labels: &[String],
     values: &[Vec<f64>],
+    texts: &[Vec<String>],
     (lo, hi): (f64, f64),
 ) -> DrawResult {
     let (rows, cols) = (row_labels.len(), col_labels.len());
@@ -371,7 +376,7 @@ pub fn heatmap_panel<DB: DrawingBackend>(
                 let txt = if t > 0.6 { BLACK } else { WHITE };
                 chart
                     .draw_series(std::iter::once(Text::new(
-                        format!("{v:.1}"),
+                        texts[r][c].clone(),
                         (c as f64 + 0.4, r as f64 + 0.6),
                         font(11).color(&txt),
                     )))

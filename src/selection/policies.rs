@@ -61,8 +61,12 @@ impl KeySets for OracleTopK<'_> {
         let k = self.tca.kept(h / self.tca.group, i);
         let (p, _) = causal_row(self.heads, h, i);
         let mut idx: Vec<usize> = (0..=i).collect();
-        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        idx.truncate(k);
+        // A total order (P descending, then index), so the k smallest are exact.
+        let order = |a: &usize, b: &usize| p[*b].total_cmp(&p[*a]).then(a.cmp(b));
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k, order);
+            idx.truncate(k);
+        }
         idx.sort_unstable();
         idx
     }
