@@ -9,6 +9,8 @@ pub mod bound;
 pub mod calibration;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod decode;
 pub mod error;

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one script run on the device (H200). Expects, next to it (in .devrun/): the release
+# binary tca-gpu-bench and bench/{sdpa_baseline.py,summarize.py}. Writes under $OUT:
+# correctness.json, bench.csv, bench.json, sdpa.csv, sanitizer logs, log.txt; prints the
+# short table last. Usage: bench/device-run.sh [LENS] [ITERS]
+# (SKIP_SDPA=1 reuses sdpa.csv placed next to the binary instead of re-measuring.)
+set -u
+LENS=${1:-8192,16384,32768,65536,131072}
+ITERS=${2:-15}
+OUT=${OUT:-/tmp/tca-out}
+mkdir -p "$OUT"
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+BIN=$HERE/tca-gpu-bench
+export TCA_CUDA_INCLUDE=/usr/local/cuda/include
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  echo "== wgmma kernel probe (own process) =="
+  timeout 60 "$BIN" --out "$OUT" --probe-wgmma > /tmp/probe.txt 2>&1; cat /tmp/probe.txt
+  WGARG=""
+  for D in 128 64; do
+    c=$(sed -n "s/^WGMMA_LAYOUT_D$D=//p" /tmp/probe.txt)
+    case "$c" in [0-3]) WGARG="$WGARG --wgmma-d$D $c";; esac
+  done
+  echo "wgmma args: ${WGARG:-none}"
+  echo "== correctness (f64 oracle) =="
+  timeout 100 "$BIN" --out "$OUT" --check-only $WGARG; echo "check rc=$?"
+  if command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck (mha-small, smol-small) =="
+    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 "$BIN" --out /tmp/san1 --check-only --cases mha-small,smol-small $WGARG 2>&1 | grep -v "^\s*\[ok\]" | head -40
+    echo "== compute-sanitizer racecheck (mha-small) =="
+    timeout 60 compute-sanitizer --tool racecheck --print-limit 20 "$BIN" --out /tmp/san2 --check-only --cases mha-small $WGARG 2>&1 | tail -8
+  else
+    echo "compute-sanitizer not found"
+  fi
+  echo "== bench =="
+  timeout 240 "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS" $WGARG; echo "bench rc=$?"
+  if [ -z "${SKIP_SDPA:-}" ]; then
+    echo "== PyTorch SDPA baseline =="
+    PYTHONUNBUFFERED=1 timeout 110 python3 "$HERE/bench/sdpa_baseline.py" --out "$OUT/sdpa.csv" --lens "$LENS"
+  elif [ -f "$HERE/sdpa.csv" ]; then
+    cp "$HERE/sdpa.csv" "$OUT/sdpa.csv"; echo "SDPA baseline: reusing $HERE/sdpa.csv from an earlier run"
+  fi
+} 2>&1 | tee "$OUT/log.txt" | grep -v "^\s*\[ok\]" | tail -c 6000
+echo "== summary =="
+python3 "$HERE/bench/summarize.py" "$OUT/bench.csv" "$OUT/sdpa.csv" "$OUT/summary.md"

@@ -1,0 +1,248 @@
+// Decode attention (one new query per query head) over a KV cache made of two row ranges
+// per KV head: part A (the compacted global keys S_G: rows [0, nA) of A, count from
+// device memory when countA != nullptr) and part B (the window: rows [0, nB) of B).
+// Dense decode passes the full K, V as part A and nB = 0.
+// Split over KV (flash-decoding): CTA (split s, KV head kv; 4 warps) takes keys
+// [s * SK, (s + 1) * SK) of the concatenated range; each warp streams steps of 16 rows
+// with an online softmax through its own ring of NSD shared-memory stages filled by
+// cp.async (two steps in flight while it computes one), and reads each row once for all G query heads of the group (GQA). The warps' states are
+// merged in shared memory into one partial (m, l in log2 units; unnormalised o) per
+// (query head, split); tca_decode_combine merges the splits and writes O (f32) and the
+// log-sum-exp (natural log).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define NW 4
+#define ROWS 16  // rows per warp step
+#define NSD 3    // cp.async stages of each warp's ring (dynamic shared memory)
+
+__device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
+
+template <int D, int G>
+__device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long long q_stride,
+                                            const u16* __restrict__ KA, const u16* __restrict__ VA,
+                                            const int* __restrict__ countA, int nA_const,
+                                            long long strideA, const u16* __restrict__ KB,
+                                            const u16* __restrict__ VB, int nB, long long strideB,
+                                            int SK, float* __restrict__ part_o,
+                                            float* __restrict__ part_ml, float scale_log2) {
+    constexpr int LPK = D / 8;          // lanes per row (16 bytes each)
+    constexpr int SPW = 32 / LPK;       // rows per warp load instruction
+    constexpr int NI = ROWS / SPW;      // rows per lane per step
+    constexpr int CH = ROWS * D / 8;    // 16-byte chunks of one step's K (or V)
+    __shared__ float wm[NW][G], wl[NW][G];
+    __shared__ float wo[NW][G][D];
+    extern __shared__ uint4 dsm[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
+    const int sub = lane % LPK, slot = lane / LPK;
+    const int nA = countA ? countA[kv] : nA_const;
+    const int n = nA + nB;
+    const int k0 = split * SK, k1 = min(n, k0 + SK);
+    const u16* Ka = KA + (size_t)kv * strideA * D;
+    const u16* Va = VA + (size_t)kv * strideA * D;
+    const u16* Kb = KB ? KB + (size_t)kv * strideB * D : nullptr;
+    const u16* Vb = VB ? VB + (size_t)kv * strideB * D : nullptr;
+    // This warp's ring of NSD stages, each ROWS rows of K then ROWS rows of V.
+    u16* ring = reinterpret_cast<u16*>(dsm) + (size_t)warp * NSD * 2 * ROWS * D;
+    const int first = k0 + warp * ROWS;
+    const int nsteps = first < k1 ? (k1 - first + NW * ROWS - 1) / (NW * ROWS) : 0;
+
+    auto issue = [&](int j) {
+        if (j < nsteps) {
+            const int base = first + j * NW * ROWS;
+            u16* st = ring + (size_t)(j % NSD) * 2 * ROWS * D;
+#pragma unroll
+            for (int i = 0; i < 2 * CH / 32; i++) {
+                const int c = lane + 32 * i;
+                const int which = c / CH, cr = c % CH;
+                const int r = cr / LPK, cc = cr % LPK;
+                const int k = min(base + r, k1 - 1);
+                const u16* src = which == 0 ? (k < nA ? Ka + (size_t)k * D : Kb + (size_t)(k - nA) * D)
+                                            : (k < nA ? Va + (size_t)k * D : Vb + (size_t)(k - nA) * D);
+                const u32 dst = (u32)__cvta_generic_to_shared(st + which * ROWS * D + r * D + cc * 8);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + cc * 8));
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+#pragma unroll
+    for (int j = 0; j < NSD - 1; j++) issue(j);
+
+    float q[G][8];
+#pragma unroll
+    for (int gi = 0; gi < G; gi++) {
+        uint4 u = *reinterpret_cast<const uint4*>(Qd + (size_t)(kv * G + gi) * q_stride + sub * 8);
+        const u16* e = reinterpret_cast<const u16*>(&u);
+#pragma unroll
+        for (int t = 0; t < 8; t++) q[gi][t] = bf2f(e[t]) * scale_log2;
+    }
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int gi = 0; gi < G; gi++) {
+        m[gi] = NEG_INF;
+        l[gi] = 0.f;
+#pragma unroll
+        for (int t = 0; t < 8; t++) acc[gi][t] = 0.f;
+    }
+    for (int j = 0; j < nsteps; j++) {
+        issue(j + NSD - 1);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(NSD - 1));
+        __syncwarp();
+        const u16* sk = ring + (size_t)(j % NSD) * 2 * ROWS * D;
+        const u16* sv = sk + ROWS * D;
+        const int base = first + j * NW * ROWS;
+        float sc[G][NI];
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const uint4 u = *reinterpret_cast<const uint4*>(sk + (slot + i * SPW) * D + sub * 8);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+            float kf[8];
+#pragma unroll
+            for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
+            const bool ok = base + slot + i * SPW < k1;
+#pragma unroll
+            for (int gi = 0; gi < G; gi++) {
+                float a = 0.f;
+#pragma unroll
+                for (int t = 0; t < 8; t++) a = fmaf(q[gi][t], kf[t], a);
+#pragma unroll
+                for (int off = LPK / 2; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffff, a, off);
+                sc[gi][i] = ok ? a : NEG_INF;
+            }
+        }
+#pragma unroll
+        for (int gi = 0; gi < G; gi++) {
+            float mx = sc[gi][0];
+#pragma unroll
+            for (int i = 1; i < NI; i++) mx = fmaxf(mx, sc[gi][i]);
+#pragma unroll
+            for (int off = LPK; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+            const float mn = fmaxf(m[gi], mx);
+            const float mu = mn == NEG_INF ? 0.f : mn;
+            const float al = exp2f(m[gi] - mu);
+            m[gi] = mn;
+            l[gi] *= al;
+#pragma unroll
+            for (int t = 0; t < 8; t++) acc[gi][t] *= al;
+#pragma unroll
+            for (int i = 0; i < NI; i++) sc[gi][i] = exp2f(sc[gi][i] - mu);
+        }
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const uint4 u = *reinterpret_cast<const uint4*>(sv + (slot + i * SPW) * D + sub * 8);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+            float vf[8];
+#pragma unroll
+            for (int t = 0; t < 8; t++) vf[t] = bf2f(e[t]);
+#pragma unroll
+            for (int gi = 0; gi < G; gi++) {
+                const float p = sc[gi][i];
+                l[gi] += p;
+#pragma unroll
+                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+            }
+        }
+        __syncwarp();
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    // Merge the row slots of the warp (m is warp-uniform), then the warps.
+#pragma unroll
+    for (int gi = 0; gi < G; gi++) {
+#pragma unroll
+        for (int off = LPK; off < 32; off <<= 1) {
+            l[gi] += __shfl_xor_sync(0xffffffff, l[gi], off);
+#pragma unroll
+            for (int t = 0; t < 8; t++) acc[gi][t] += __shfl_xor_sync(0xffffffff, acc[gi][t], off);
+        }
+    }
+    if (lane < LPK) {
+#pragma unroll
+        for (int gi = 0; gi < G; gi++) {
+#pragma unroll
+            for (int t = 0; t < 8; t++) wo[warp][gi][sub * 8 + t] = acc[gi][t];
+            if (lane == 0) {
+                wm[warp][gi] = m[gi];
+                wl[warp][gi] = l[gi];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * D; idx += NW * 32) {
+        const int gi = idx / D, dd = idx % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; w++) M = fmaxf(M, wm[w][gi]);
+        const float mu = M == NEG_INF ? 0.f : M;
+        float o = 0.f, lt = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const float f = exp2f(wm[w][gi] - mu);
+            o += f * wo[w][gi][dd];
+            lt += f * wl[w][gi];
+        }
+        const size_t h = (size_t)(kv * G + gi);
+        part_o[(h * nsplit + split) * D + dd] = o;
+        if (dd == 0) {
+            part_ml[(h * nsplit + split) * 2] = M;
+            part_ml[(h * nsplit + split) * 2 + 1] = lt;
+        }
+    }
+}
+
+#define DECODE(D, G)                                                                            \
+    extern "C" __global__ void __launch_bounds__(NW * 32) tca_decode_d##D##_g##G(               \
+        const u16* Qd, long long q_stride, const u16* KA, const u16* VA, const int* countA,     \
+        int nA_const, long long strideA, const u16* KB, const u16* VB, int nB, long long strideB, \
+        int SK, float* part_o, float* part_ml, float sl2) {                                     \
+        decode_body<D, G>(Qd, q_stride, KA, VA, countA, nA_const, strideA, KB, VB, nB, strideB, \
+                          SK, part_o, part_ml, sl2);                                            \
+    }
+DECODE(64, 1) DECODE(64, 2) DECODE(64, 3) DECODE(64, 4) DECODE(64, 8)
+DECODE(128, 1) DECODE(128, 2) DECODE(128, 3) DECODE(128, 4) DECODE(128, 8)
+
+// grid Hq, 256 threads: merge the splits of one query head. Thread (part, d) sums the
+// splits part, part + P, ... (P = 256 / D), then the parts are added in shared memory.
+extern "C" __global__ void __launch_bounds__(256) tca_decode_combine(const float* part_o,
+                                                                     const float* part_ml, float* O,
+                                                                     float* lse, int nsplit, int D) {
+    __shared__ float sh[256];
+    __shared__ float so[256];
+    const int h = blockIdx.x, tid = threadIdx.x;
+    const float* ml = part_ml + (size_t)h * nsplit * 2;
+    float M = NEG_INF;
+    for (int s = tid; s < nsplit; s += 256) M = fmaxf(M, ml[2 * s]);
+    sh[tid] = M;
+    __syncthreads();
+    for (int off = 128; off > 0; off >>= 1) {
+        if (tid < off) sh[tid] = fmaxf(sh[tid], sh[tid + off]);
+        __syncthreads();
+    }
+    M = sh[0];
+    __syncthreads();
+    const int P = 256 / D;
+    const int d = tid % D, part = tid / D;
+    float l = 0.f, o = 0.f;
+    if (part < P) {
+        for (int s = part; s < nsplit; s += P) {
+            const float m = ml[2 * s];
+            if (m == NEG_INF) continue;
+            const float w = exp2f(m - M);
+            l += w * ml[2 * s + 1];
+            o += w * part_o[((size_t)h * nsplit + s) * D + d];
+        }
+    }
+    so[tid] = o;
+    sh[tid] = l;
+    __syncthreads();
+    if (tid < D) {
+        float ot = 0.f, lt = 0.f;
+        for (int p = 0; p < P; p++) {
+            ot += so[p * D + tid];
+            lt += sh[p * D + tid];
+        }
+        O[(size_t)h * D + tid] = ot / lt;
+        if (tid == 0) lse[h] = M * 0.69314718055994531f + logf(lt);
+    }
+}

@@ -1,0 +1,925 @@
+//! GPU benchmark and correctness check of the TCA kernels (feature `cuda`).
+//!
+//! 1. Correctness on small shapes against the f64 CPU oracle of this crate: selection
+//!    (importance, ranks, budgets, S_G: mismatch rate), bf16 sparse and dense prefill
+//!    (relative error <= 1e-2), decode (sparse and dense), the LSE audit
+//!    gamma_i = 1 - exp(lse_sparse_i - lse_full_i) against the oracle's gamma (<= 1e-3),
+//!    and the f32 attention path (<= 1e-5).
+//! 2. Timing with CUDA events (warm-up, then the median of many runs; outputs NaN-filled
+//!    before each run and checked finite after) for LLaMA-3.1-8B (32/8, d = 128) and
+//!    SmolLM2 (9/3, d = 64) layers at the given lengths: each selection stage, sparse
+//!    attention, dense attention, decode (sparse and dense), keep fraction, KV bytes.
+//!    Budgets: each KV head's configuration is calibrated in place to tau with the
+//!    `mass` criterion (1 - mean gamma from the GPU's own LSE audit) over the paper's
+//!    14 log-normal candidates.
+//!
+//! Writes correctness.json, bench.csv and bench.json under the output directory.
+
+use clap::Parser;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+use tca::cuda::backend::{attention_to_host, select_params};
+use tca::cuda::decode::{self, DevDecode};
+use tca::cuda::f32path::attention_f32;
+use tca::cuda::prefill::{self, DevAttention, Variant};
+use tca::cuda::selection::{download_selection, run_select, DevSelection};
+use tca::cuda::synth::generate;
+use tca::cuda::{bf16_to_f32, Ctx, DevHeads, Gpu, GpuResult};
+use tca::selection::{candidates, Budget};
+use tca::Config;
+
+#[derive(Parser, Debug)]
+#[command(about = "TCA GPU kernels: correctness against the f64 oracle, then timings")]
+struct Args {
+    /// Output directory (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// Sequence lengths to time.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8192,16384,32768,65536,131072"
+    )]
+    lens: Vec<usize>,
+    /// Models to time: llama (32/8, d 128), smol (9/3, d 64).
+    #[arg(long, value_delimiter = ',', default_value = "llama,smol")]
+    models: Vec<String>,
+    /// Timed runs per measurement (after 3 warm-ups).
+    #[arg(long, default_value_t = 15)]
+    iters: usize,
+    /// Calibration target.
+    #[arg(long, default_value_t = 0.9)]
+    tau: f64,
+    /// Only the correctness checks.
+    #[arg(long)]
+    check_only: bool,
+    /// Skip the correctness checks.
+    #[arg(long)]
+    skip_check: bool,
+    /// Only search the wgmma kernel's descriptor layout (against the Mt1 kernel), print
+    /// WGMMA_LAYOUT=<n|none> and exit. Run it as its own process: a faulting kernel
+    /// leaves the CUDA context unusable.
+    #[arg(long)]
+    probe_wgmma: bool,
+    /// Time (and check) the wgmma prefill kernel for d = 128 with this descriptor layout (0-3).
+    #[arg(long)]
+    wgmma_d128: Option<u8>,
+    /// Same for d = 64.
+    #[arg(long)]
+    wgmma_d64: Option<u8>,
+    /// Correctness cases to run (llama-small, smol-small, mha-small).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "llama-small,smol-small,mha-small"
+    )]
+    cases: Vec<String>,
+}
+
+fn ev(gpu: &Gpu, n: usize) -> GpuResult<Vec<CudaEvent>> {
+    (0..n)
+        .map(|_| {
+            gpu.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .ctx("cuEventCreate")
+        })
+        .collect()
+}
+
+fn ms(a: &CudaEvent, b: &CudaEvent) -> GpuResult<f64> {
+    Ok(a.elapsed_ms(b).ctx("cuEventElapsedTime")? as f64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// (max |a - b|, max |b|, max |a - b| / max |b|, ||a - b||_F / ||b||_F, count of non-finite a).
+fn cmp(a: impl Iterator<Item = f64>, b: impl Iterator<Item = f64>) -> Value {
+    let (mut me, mut mr, mut se, mut sr, mut bad) = (0f64, 0f64, 0f64, 0f64, 0usize);
+    for (x, y) in a.zip(b) {
+        if !x.is_finite() {
+            bad += 1;
+            continue;
+        }
+        me = me.max((x - y).abs());
+        mr = mr.max(y.abs());
+        se += (x - y) * (x - y);
+        sr += y * y;
+    }
+    json!({"max_abs_err": me, "max_abs_ref": mr, "rel_err": me / mr.max(1e-30),
+           "rel_fro": (se / sr.max(1e-300)).sqrt(), "non_finite": bad})
+}
+
+fn rel(v: &Value) -> f64 {
+    if v["non_finite"].as_u64().unwrap_or(1) > 0 {
+        return f64::INFINITY;
+    }
+    v["rel_err"].as_f64().unwrap_or(f64::INFINITY)
+}
+
+fn check_case(
+    wg: Option<u8>,
+    gpu: &Gpu,
+    name: &str,
+    (hq, hkv, l, d): (usize, usize, usize, usize),
+) -> anyhow_lite::Result<(Value, bool)> {
+    let cfg = Config {
+        block_size: 32,
+        window: 256,
+        ..Config::default()
+    };
+    let cands = candidates(&cfg)?;
+    let budgets: Vec<Budget> = (0..hkv)
+        .map(|kv| cands[(4 + 3 * kv) % cands.len()].budget.clone())
+        .collect();
+    let layer = generate(hq, hkv, l, d, 7 + l as u64);
+    let heads = layer.to_heads()?;
+    let h = DevHeads::from_bf16(gpu, (hq, hkv, l, d), &layer.q, &layer.k, &layer.v)?;
+    let p = select_params(l, &cfg, &budgets)?;
+    let mut sel = DevSelection::new(gpu, &h, &p)?;
+    gpu.poison(&mut sel.gk)?;
+    gpu.poison(&mut sel.gv)?;
+    gpu.poison(&mut sel.gpos)?;
+    gpu.poison(&mut sel.s)?;
+    run_select(gpu, &h, &mut sel, None)?;
+    gpu.sync()?;
+    let hs = download_selection(gpu, &h, &sel)?;
+    let gm = gpu.download(&sel.mblk)?;
+    let gc = gpu.download(&sel.cblk)?;
+
+    // Oracle selection.
+    let t0 = std::time::Instant::now();
+    let cpu_sel = tca::selection::select(&heads, &cfg, &budgets)?;
+    let mut sel_json = vec![];
+    let mut total_mis = 0usize;
+    let mut total_ref = 0usize;
+    let mut rank_mis = 0usize;
+    let mut budget_mis = 0usize;
+    // KV heads where the oracle's block scores are all finite (its c_j = 1 - sum s^2 / m^2
+    // is NaN where m^2 underflows f64; the GPU computes c scale-free and never does).
+    let (mut fin_mis, mut fin_ref, mut nan_blocks) = (0usize, 0usize, 0usize);
+    for kv in 0..hkv {
+        let cs = &cpu_sel.heads[kv];
+        let a: std::collections::BTreeSet<usize> = hs.global[kv].iter().copied().collect();
+        let b: std::collections::BTreeSet<usize> = cs.global.iter().copied().collect();
+        let mis = a.symmetric_difference(&b).count();
+        total_mis += mis;
+        total_ref += b.len();
+        let imp = cmp(
+            hs.importance[kv].iter().map(|&x| x as f64),
+            cs.ranking.importance[..sel.lc].iter().copied(),
+        );
+        let mut cpu_rank = vec![0usize; sel.nb];
+        for (r, &j) in cs.ranking.order.iter().enumerate() {
+            cpu_rank[j] = r;
+        }
+        let rm = (0..sel.nb)
+            .filter(|&j| hs.ranks[kv][j] as usize != cpu_rank[j])
+            .count();
+        let bm = (0..sel.nb)
+            .filter(|&j| hs.budgets[kv][j] as usize != cs.block_budgets[j])
+            .count();
+        rank_mis += rm;
+        budget_mis += bm;
+        let nans = cs
+            .ranking
+            .scores
+            .score
+            .iter()
+            .filter(|x| !x.is_finite())
+            .count();
+        nan_blocks += nans;
+        if nans == 0 {
+            fin_mis += mis;
+            fin_ref += b.len();
+        }
+        let first: Vec<Value> = (0..sel.nb.min(6))
+            .map(|j| {
+                json!({"block": j, "gpu_m": gm[kv * sel.nb + j], "gpu_c": gc[kv * sel.nb + j], "gpu_rank": hs.ranks[kv][j],
+                       "cpu_m": cs.ranking.scores.mass[j], "cpu_c": cs.ranking.scores.concentration[j],
+                       "cpu_h": cs.ranking.scores.score[j], "cpu_rank": cpu_rank[j]})
+            })
+            .collect();
+        sel_json.push(json!({"kv": kv, "oracle_nan_scores": nans, "first_blocks": first, "gpu_size": a.len(), "cpu_size": b.len(), "symmetric_difference": mis,
+            "importance": imp, "rank_mismatches": rm, "budget_mismatches": bm, "sorted": hs.global[kv].windows(2).all(|w| w[0] < w[1])}));
+    }
+    let mismatch_rate = total_mis as f64 / total_ref.max(1) as f64;
+    let finite_rate = fin_mis as f64 / fin_ref.max(1) as f64;
+
+    // The oracle with the GPU's S_G (so that attention is compared on the same sets).
+    let mut gsel = cpu_sel.clone();
+    for kv in 0..hkv {
+        gsel.heads[kv].global = hs.global[kv].clone();
+    }
+    let cpu_sparse = tca::selection::sparse_attention(&heads, &gsel)?;
+    let cpu_full = tca::reference::exact::attention(&heads);
+    let audit = tca::bound::audit(&heads, &gsel)?;
+    let cpu_time = t0.elapsed().as_secs_f64();
+
+    // GPU sparse and dense prefill.
+    let mut sp = DevAttention::new(gpu, &h)?;
+    sp.poison(gpu)?;
+    prefill::run_sparse(gpu, &h, &sel, &mut sp)?;
+    let mut de = DevAttention::new(gpu, &h)?;
+    de.poison(gpu)?;
+    prefill::run_dense(gpu, &h, &mut de)?;
+    gpu.sync()?;
+    let gsp = attention_to_host(gpu, &h, &sp)?;
+    let gde = attention_to_host(gpu, &h, &de)?;
+    let mut sp2 = DevAttention::new(gpu, &h)?;
+    sp2.poison(gpu)?;
+    prefill::run_sparse_with(gpu, &h, &sel, &mut sp2, Variant::Mt2)?;
+    let mut de2 = DevAttention::new(gpu, &h)?;
+    de2.poison(gpu)?;
+    prefill::run_dense_with(gpu, &h, &mut de2, Variant::Mt2)?;
+    gpu.sync()?;
+    let gsp2 = attention_to_host(gpu, &h, &sp2)?;
+    let gde2 = attention_to_host(gpu, &h, &de2)?;
+    let sparse_o2 = cmp(gsp2.o.iter().copied(), cpu_sparse.o.iter().copied());
+    let sparse_lse2 = cmp(gsp2.lse.iter().copied(), cpu_sparse.lse.iter().copied());
+    let dense_o2 = cmp(gde2.o.iter().copied(), cpu_full.o.iter().copied());
+    let dense_lse2 = cmp(gde2.lse.iter().copied(), cpu_full.lse.iter().copied());
+    let mut wg_json = json!(null);
+    let mut wg_ok = true;
+    if let Some(c) = wg {
+        let mut a = DevAttention::new(gpu, &h)?;
+        a.poison(gpu)?;
+        prefill::run_sparse_with(gpu, &h, &sel, &mut a, Variant::Wg(c))?;
+        let mut b = DevAttention::new(gpu, &h)?;
+        b.poison(gpu)?;
+        prefill::run_dense_with(gpu, &h, &mut b, Variant::Wg(c))?;
+        gpu.sync()?;
+        let ga = attention_to_host(gpu, &h, &a)?;
+        let gb = attention_to_host(gpu, &h, &b)?;
+        let so = cmp(ga.o.iter().copied(), cpu_sparse.o.iter().copied());
+        let sl = cmp(ga.lse.iter().copied(), cpu_sparse.lse.iter().copied());
+        let dn = cmp(gb.o.iter().copied(), cpu_full.o.iter().copied());
+        let dl = cmp(gb.lse.iter().copied(), cpu_full.lse.iter().copied());
+        wg_ok = rel(&so) <= 1e-2 && rel(&sl) <= 1e-2 && rel(&dn) <= 1e-2 && rel(&dl) <= 1e-2;
+        println!(
+            "  {name} wgmma (layout {c}): sparse O rel {:.2e}, dense O rel {:.2e}",
+            rel(&so),
+            rel(&dn)
+        );
+        wg_json =
+            json!({"layout": c, "sparse_o": so, "sparse_lse": sl, "dense_o": dn, "dense_lse": dl});
+    }
+    let sparse_o = cmp(gsp.o.iter().copied(), cpu_sparse.o.iter().copied());
+    let sparse_lse = cmp(gsp.lse.iter().copied(), cpu_sparse.lse.iter().copied());
+    let dense_o = cmp(gde.o.iter().copied(), cpu_full.o.iter().copied());
+    let dense_lse = cmp(gde.lse.iter().copied(), cpu_full.lse.iter().copied());
+    // LSE audit.
+    let mut gmax = 0f64;
+    let mut gmean_gpu = 0f64;
+    let mut gmean_cpu = 0f64;
+    for a in &audit {
+        let gg = 1.0 - (gsp.lse[[a.head, a.query]] - gde.lse[[a.head, a.query]]).exp();
+        gmax = gmax.max((gg - a.gamma).abs());
+        gmean_gpu += gg;
+        gmean_cpu += a.gamma;
+    }
+    gmean_gpu /= audit.len() as f64;
+    gmean_cpu /= audit.len() as f64;
+
+    // Decode of q_{L-1}: compacted cache vs oracle sparse row; dense vs exact row.
+    let mut dd = DevDecode::new(gpu, &h, sel.gcap + sel.window)?;
+    dd.poison(gpu)?;
+    decode::run_sparse(gpu, &h, &sel, &mut dd)?;
+    gpu.sync()?;
+    let dso = gpu.download(&dd.o)?;
+    let dsl = gpu.download(&dd.lse)?;
+    let mut dn = DevDecode::new(gpu, &h, l)?;
+    dn.poison(gpu)?;
+    decode::run_dense(gpu, &h, &mut dn)?;
+    gpu.sync()?;
+    let dno = gpu.download(&dn.o)?;
+    let dnl = gpu.download(&dn.lse)?;
+    let last = |a: &ndarray::Array3<f64>| -> Vec<f64> {
+        (0..hq)
+            .flat_map(|hh| (0..d).map(move |c| (hh, c)))
+            .map(|(hh, c)| a[[hh, l - 1, c]])
+            .collect()
+    };
+    let lastl =
+        |a: &ndarray::Array2<f64>| -> Vec<f64> { (0..hq).map(|hh| a[[hh, l - 1]]).collect() };
+    let dec_sparse_o = cmp(
+        dso.iter().map(|&x| x as f64),
+        last(&cpu_sparse.o).into_iter(),
+    );
+    let dec_sparse_lse = cmp(
+        dsl.iter().map(|&x| x as f64),
+        lastl(&cpu_sparse.lse).into_iter(),
+    );
+    let dec_dense_o = cmp(dno.iter().map(|&x| x as f64), last(&cpu_full.o).into_iter());
+    let dec_dense_lse = cmp(
+        dnl.iter().map(|&x| x as f64),
+        lastl(&cpu_full.lse).into_iter(),
+    );
+
+    // f32 path, with the oracle's own S_G.
+    let f32v = |x: &[u16]| x.iter().map(|&b| bf16_to_f32(b)).collect::<Vec<f32>>();
+    let (q32, k32, v32) = (f32v(&layer.q), f32v(&layer.k), f32v(&layer.v));
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let cpu_sets: Vec<Vec<usize>> = cpu_sel.heads.iter().map(|x| x.global.clone()).collect();
+    let f_sp = attention_f32(
+        gpu,
+        (hq, hkv, l, d),
+        &q32,
+        &k32,
+        &v32,
+        Some(&cpu_sets),
+        cfg.window,
+        scale,
+    )?;
+    let f_de = attention_f32(gpu, (hq, hkv, l, d), &q32, &k32, &v32, None, l, scale)?;
+    let cpu_sparse_own = tca::selection::sparse_attention(&heads, &cpu_sel)?;
+    let f32_sparse_o = cmp(
+        f_sp.o.iter().map(|&x| x as f64),
+        cpu_sparse_own.o.iter().copied(),
+    );
+    let f32_sparse_lse = cmp(
+        f_sp.lse.iter().map(|&x| x as f64),
+        cpu_sparse_own.lse.iter().copied(),
+    );
+    let f32_dense_o = cmp(f_de.o.iter().map(|&x| x as f64), cpu_full.o.iter().copied());
+    let f32_dense_lse = cmp(
+        f_de.lse.iter().map(|&x| x as f64),
+        cpu_full.lse.iter().copied(),
+    );
+
+    let checks = [
+        ("prefill_wgmma_if_enabled", wg_ok),
+        ("sparse_prefill_bf16_o", rel(&sparse_o) <= 1e-2),
+        ("sparse_prefill_bf16_lse", rel(&sparse_lse) <= 1e-2),
+        ("dense_prefill_bf16_o", rel(&dense_o) <= 1e-2),
+        ("dense_prefill_bf16_lse", rel(&dense_lse) <= 1e-2),
+        ("gamma_audit", gmax <= 1e-3),
+        ("decode_sparse_o", rel(&dec_sparse_o) <= 1e-2),
+        ("decode_dense_o", rel(&dec_dense_o) <= 1e-2),
+        (
+            "decode_lse",
+            rel(&dec_sparse_lse) <= 1e-2 && rel(&dec_dense_lse) <= 1e-2,
+        ),
+        (
+            "f32_sparse",
+            rel(&f32_sparse_o) <= 1e-5 && rel(&f32_sparse_lse) <= 1e-5,
+        ),
+        (
+            "f32_dense",
+            rel(&f32_dense_o) <= 1e-5 && rel(&f32_dense_lse) <= 1e-5,
+        ),
+        (
+            "selection_sorted",
+            sel_json.iter().all(|s| s["sorted"].as_bool() == Some(true)),
+        ),
+        (
+            "selection_mismatch_le_1pct_on_heads_with_finite_oracle_scores",
+            finite_rate <= 0.01,
+        ),
+        (
+            "sparse_prefill_mt2_o",
+            rel(&sparse_o2) <= 1e-2 && rel(&sparse_lse2) <= 1e-2,
+        ),
+        (
+            "dense_prefill_mt2_o",
+            rel(&dense_o2) <= 1e-2 && rel(&dense_lse2) <= 1e-2,
+        ),
+    ];
+    let pass = checks.iter().all(|(_, ok)| *ok);
+    for (n, ok) in &checks {
+        println!("  [{}] {name} {n}", if *ok { "ok" } else { "FAIL" });
+    }
+    println!(
+        "  {name}: S_G mismatch {:.4} ({total_mis}/{total_ref}; {:.4} on heads with finite oracle scores; {nan_blocks} NaN oracle block scores), ranks {rank_mis}, budgets {budget_mis}; sparse O rel {:.2e} (mt2 {:.2e}), dense O rel {:.2e} (mt2 {:.2e}), gamma max diff {:.2e}, decode rel {:.2e}/{:.2e}, f32 rel {:.2e}/{:.2e}",
+        mismatch_rate, finite_rate, rel(&sparse_o), rel(&sparse_o2), rel(&dense_o), rel(&dense_o2), gmax, rel(&dec_sparse_o), rel(&dec_dense_o), rel(&f32_sparse_o), rel(&f32_dense_o)
+    );
+    Ok((
+        json!({
+            "case": name, "hq": hq, "hkv": hkv, "len": l, "dim": d, "block": cfg.block_size, "window": cfg.window,
+            "candidates_used": (0..hkv).map(|kv| (4 + 3 * kv) % cands.len() + 1).collect::<Vec<_>>(),
+            "selection": {"mismatch_rate": mismatch_rate, "mismatch_rate_finite_oracle_heads": finite_rate,
+                          "oracle_nan_block_scores": nan_blocks, "finite_heads_oracle_size": fin_ref, "symmetric_difference": total_mis, "oracle_size": total_ref,
+                          "rank_mismatches": rank_mis, "budget_mismatches": budget_mis, "per_kv": sel_json},
+            "sparse_prefill_bf16": {"o": sparse_o, "lse": sparse_lse},
+            "dense_prefill_bf16": {"o": dense_o, "lse": dense_lse},
+            "sparse_prefill_bf16_mt2": {"o": sparse_o2, "lse": sparse_lse2},
+            "prefill_wgmma": wg_json,
+            "dense_prefill_bf16_mt2": {"o": dense_o2, "lse": dense_lse2},
+            "gamma_audit": {"max_abs_diff": gmax, "mean_gamma_gpu": gmean_gpu, "mean_gamma_cpu": gmean_cpu},
+            "decode": {"sparse_o": dec_sparse_o, "sparse_lse": dec_sparse_lse, "dense_o": dec_dense_o, "dense_lse": dec_dense_lse},
+            "f32": {"sparse_o": f32_sparse_o, "sparse_lse": f32_sparse_lse, "dense_o": f32_dense_o, "dense_lse": f32_dense_lse},
+            "checks": checks.iter().map(|(n, ok)| json!({"check": n, "pass": ok})).collect::<Vec<_>>(),
+            "cpu_oracle_seconds": cpu_time,
+            "pass": pass,
+        }),
+        pass,
+    ))
+}
+
+/// Minimal error plumbing for the binary.
+mod anyhow_lite {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+}
+
+struct Model {
+    name: &'static str,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+}
+
+fn bench_one(
+    gpu: &Gpu,
+    m: &Model,
+    l: usize,
+    args: &Args,
+    variants: &[Variant],
+) -> anyhow_lite::Result<Value> {
+    let cfg = Config::default();
+    let (hq, hkv, d) = (m.hq, m.hkv, m.d);
+    let t0 = std::time::Instant::now();
+    let layer = generate(hq, hkv, l, d, 1000 + l as u64);
+    let gen_s = t0.elapsed().as_secs_f64();
+    let h = DevHeads::from_bf16(gpu, (hq, hkv, l, d), &layer.q, &layer.k, &layer.v)?;
+    drop(layer);
+    let e = ev(gpu, 6)?;
+    let warm = 3;
+    let iters = args.iters;
+
+    // Dense prefill with each kernel (also the full LSE for the calibration audit). A
+    // spin kernel ahead of the start event keeps host launch gaps out of the timing.
+    let spin_us = 200;
+    let mut de = DevAttention::new(gpu, &h)?;
+    let mut t_dense_v = vec![];
+    let mut dense_bad = 0;
+    let mut lse_full = vec![];
+    for &v in variants {
+        let mut t = vec![];
+        for it in 0..warm + iters {
+            de.poison(gpu)?;
+            gpu.spin(spin_us)?;
+            e[0].record(&gpu.stream).ctx("record")?;
+            prefill::run_dense_with(gpu, &h, &mut de, v)?;
+            e[1].record(&gpu.stream).ctx("record")?;
+            gpu.sync()?;
+            if it >= warm {
+                t.push(ms(&e[0], &e[1])?);
+            }
+        }
+        let lse = gpu.download(&de.lse)?;
+        dense_bad += lse.iter().filter(|x| !x.is_finite()).count();
+        if v == Variant::Mt1 {
+            lse_full = lse;
+        }
+        t_dense_v.push(median(t));
+    }
+    let t_dense = t_dense_v.iter().copied().fold(f64::INFINITY, f64::min);
+
+    // Calibration in place (mass criterion): per KV head the first candidate whose
+    // retained mass 1 - mean_i gamma_i (over the group's query heads) reaches tau.
+    let cands = candidates(&cfg)?;
+    let mut sp = DevAttention::new(gpu, &h)?;
+    let mut retained = vec![vec![0f64; cands.len()]; hkv];
+    let mut chosen: Vec<Option<usize>> = vec![None; hkv];
+    for (ci, c) in cands.iter().enumerate() {
+        if chosen.iter().all(|x| x.is_some()) {
+            break;
+        }
+        let budgets = vec![c.budget.clone(); hkv];
+        let p = select_params(l, &cfg, &budgets)?;
+        let mut sel = DevSelection::new(gpu, &h, &p)?;
+        run_select(gpu, &h, &mut sel, None)?;
+        prefill::run_sparse(gpu, &h, &sel, &mut sp)?;
+        gpu.sync()?;
+        let lse_s = gpu.download(&sp.lse)?;
+        let g = hq / hkv;
+        for (kv, ch) in chosen.iter_mut().enumerate() {
+            let mut sum = 0f64;
+            for hh in kv * g..(kv + 1) * g {
+                for i in 0..l {
+                    let n = hh * l + i;
+                    sum += 1.0 - (lse_s[n] as f64 - lse_full[n] as f64).exp();
+                }
+            }
+            let r = 1.0 - sum / (g * l) as f64;
+            retained[kv][ci] = r;
+            if ch.is_none() && r >= args.tau {
+                *ch = Some(ci);
+            }
+        }
+    }
+    let reached: Vec<bool> = chosen.iter().map(|c| c.is_some()).collect();
+    let pick: Vec<usize> = chosen
+        .iter()
+        .map(|c| c.unwrap_or(cands.len() - 1))
+        .collect();
+    let budgets: Vec<Budget> = pick.iter().map(|&ci| cands[ci].budget.clone()).collect();
+    let p = select_params(l, &cfg, &budgets)?;
+    let mut sel = DevSelection::new(gpu, &h, &p)?;
+
+    // TCA prefill: selection stages + sparse attention, with each attention kernel.
+    let mut med_v: Vec<Vec<f64>> = vec![];
+    let mut sparse_bad = 0;
+    let mut lse_s = vec![];
+    for &v in variants {
+        let mut st: Vec<Vec<f64>> = vec![vec![]; 6];
+        for it in 0..warm + iters {
+            sp.poison(gpu)?;
+            gpu.poison(&mut sel.gpos)?;
+            gpu.spin(spin_us)?;
+            run_select(gpu, &h, &mut sel, Some(&e[0..5]))?;
+            prefill::run_sparse_with(gpu, &h, &sel, &mut sp, v)?;
+            e[5].record(&gpu.stream).ctx("record")?;
+            gpu.sync()?;
+            if it >= warm {
+                for s in 0..5 {
+                    st[s].push(ms(&e[s], &e[s + 1])?);
+                }
+                st[5].push(ms(&e[0], &e[5])?);
+            }
+        }
+        let lse = gpu.download(&sp.lse)?;
+        let o_s = gpu.download(&sp.o)?;
+        sparse_bad += lse.iter().filter(|x| !x.is_finite()).count()
+            + o_s.iter().filter(|&&x| !bf16_to_f32(x).is_finite()).count();
+        if v == Variant::Mt1 {
+            lse_s = lse;
+        }
+        med_v.push(st.into_iter().map(median).collect());
+    }
+    let best = (0..variants.len())
+        .min_by(|&a, &b| med_v[a][5].total_cmp(&med_v[b][5]))
+        .unwrap_or(0);
+    let hs = download_selection(gpu, &h, &sel)?;
+    // gamma of every query from the two LSEs.
+    let mut gsum = 0f64;
+    let mut gmax = 0f64;
+    let mut over = 0usize;
+    for n in 0..hq * l {
+        let gm = 1.0 - (lse_s[n] as f64 - lse_full[n] as f64).exp();
+        gsum += gm;
+        gmax = gmax.max(gm);
+        if gm > 1.0 - args.tau {
+            over += 1;
+        }
+    }
+    let mean_gamma = gsum / (hq * l) as f64;
+
+    // Kept (query, key) pairs and the keep fraction.
+    let g = hq / hkv;
+    let w = cfg.window;
+    let mut kept: f64 = 0.0;
+    for kv in 0..hkv {
+        let win: f64 = (0..l).map(|i| (i + 1).min(w) as f64).sum();
+        let glob: f64 = hs.global[kv]
+            .iter()
+            .map(|&p| l.saturating_sub(p + w) as f64)
+            .sum();
+        kept += g as f64 * (win + glob);
+    }
+    let causal = hq as f64 * (l as f64) * (l as f64 + 1.0) / 2.0;
+    let keep_frac = kept / causal;
+    let sg: usize = hs.counts.iter().map(|&c| c as usize).sum();
+
+    // Decode.
+    // Splits sized from the cache's actual length (a decoder knows it after prefill).
+    let lens: Vec<usize> = hs
+        .counts
+        .iter()
+        .map(|&c| c.max(0) as usize + sel.window)
+        .collect();
+    let mut dsp = DevDecode::for_lengths(gpu, &h, &lens)?;
+    let mut dde = DevDecode::new(gpu, &h, l)?;
+    let mut t_ds = vec![];
+    let mut t_dd = vec![];
+    let batch = 20;
+    for it in 0..warm + 2 * iters {
+        dsp.poison(gpu)?;
+        dde.poison(gpu)?;
+        gpu.spin(spin_us)?;
+        e[0].record(&gpu.stream).ctx("record")?;
+        for _ in 0..batch {
+            decode::run_sparse(gpu, &h, &sel, &mut dsp)?;
+        }
+        e[1].record(&gpu.stream).ctx("record")?;
+        for _ in 0..batch {
+            decode::run_dense(gpu, &h, &mut dde)?;
+        }
+        e[2].record(&gpu.stream).ctx("record")?;
+        gpu.sync()?;
+        if it >= warm {
+            t_ds.push(ms(&e[0], &e[1])? / batch as f64);
+            t_dd.push(ms(&e[1], &e[2])? / batch as f64);
+        }
+    }
+    let dec_iters = 2 * iters * batch;
+    let dec_bad = gpu
+        .download(&dsp.o)?
+        .iter()
+        .chain(gpu.download(&dde.o)?.iter())
+        .filter(|x| !x.is_finite())
+        .count();
+
+    let med = &med_v[best];
+    let (t_imp, t_red, t_sort, t_sel, t_att, t_tot) =
+        (med[0], med[1], med[2], med[3], med[4], med[5]);
+    let t_ds = median(t_ds);
+    let t_dd = median(t_dd);
+    let kv_full = hkv * l * d * 4;
+    let kv_tca = sel.cache_bytes(&hs.counts, d);
+    let flops_kept = 4.0 * d as f64 * kept;
+    let flops_dense = 4.0 * d as f64 * causal;
+    let r = json!({
+        "model": m.name, "len": l, "hq": hq, "hkv": hkv, "dim": d, "block": cfg.block_size, "window": w,
+        "tau": args.tau, "gen_seconds": gen_s,
+        "calibration": {"criterion": "mass, in place (the timed sequence)", "chosen_candidate_1based": pick.iter().map(|c| c + 1).collect::<Vec<_>>(),
+                        "reached_tau": reached, "retained_by_candidate": retained},
+        "sg_total": sg, "sg_per_kv": hs.counts, "sg_frac_of_candidates": sg as f64 / (hkv * (l - w)) as f64,
+        "keep_frac": keep_frac, "mean_gamma": mean_gamma, "max_gamma": gmax, "frac_queries_gamma_over_1_minus_tau": over as f64 / (hq * l) as f64,
+        "ms": {"importance": t_imp, "redundancy": t_red, "sorting": t_sort, "selection": t_sel, "attention": t_att,
+               "tca_total": t_tot, "dense": t_dense},
+        "selection_share": (t_tot - t_att) / t_tot,
+        "attention_kernel": variants[best].name(),
+        "variants": variants.iter().enumerate().map(|(i, v)| json!({"kernel": v.name(),
+            "dense_ms": t_dense_v[i], "tca_total_ms": med_v[i][5], "attention_ms": med_v[i][4],
+            "tflops_kept_attention": flops_kept / (med_v[i][4] * 1e9), "tflops_dense": flops_dense / (t_dense_v[i] * 1e9)})).collect::<Vec<_>>(),
+        "timing": "CUDA events around GPU work queued behind a 200 us spin kernel; medians; decode per token = batch of 20 / 20",
+        "speedup_vs_own_dense": t_dense / t_tot,
+        "tflops_kept_attention": flops_kept / (t_att * 1e9),
+        "tflops_kept_total": flops_kept / (t_tot * 1e9),
+        "tflops_dense": flops_dense / (t_dense * 1e9),
+        "decode": {"sparse_us": t_ds * 1e3, "dense_us": t_dd * 1e3, "speedup": t_dd / t_ds,
+                   "sparse_bytes": kv_tca, "dense_bytes": kv_full,
+                   "sparse_GBps": kv_tca as f64 / (t_ds * 1e6), "dense_GBps": kv_full as f64 / (t_dd * 1e6)},
+        "kv_bytes_full": kv_full, "kv_bytes_tca": kv_tca,
+        "non_finite_outputs": {"dense": dense_bad, "sparse": sparse_bad, "decode": dec_bad},
+        "iters": iters, "decode_iters": dec_iters, "warmup": warm,
+    });
+    println!(
+        "{:6} L={:6}: keep {:.3} tca {:8.3} ms (imp {:.3} red {:.3} sort {:.3} sel {:.3} attn {:.3}) dense {:8.3} ms x{:.2}; {:.0} TF/s kept; decode {:.1}/{:.1} us {:.0} GB/s; gamma mean {:.4}",
+        m.name, l, keep_frac, t_tot, t_imp, t_red, t_sort, t_sel, t_att, t_dense, t_dense / t_tot,
+        flops_kept / (t_att * 1e9), t_ds * 1e3, t_dd * 1e3, kv_tca as f64 / (t_ds * 1e6), mean_gamma
+    );
+    Ok(r)
+}
+
+/// Finds the descriptor layout under which the wgmma kernel reproduces the Mt1 kernel
+/// (itself checked against the f64 oracle) on small dense layers of both head dims.
+/// Returns the layout and a JSON record of every try.
+fn pick_wgmma_layout(gpu: &Gpu, hq: usize, d: usize) -> (Option<u8>, Value) {
+    let mut tries = vec![];
+    for c in 0..4u8 {
+        let (hkv, l) = (1usize, 512usize);
+        let layer = generate(hq, hkv, l, d, 99);
+        let res = (|| -> GpuResult<(f64, usize)> {
+            let h = DevHeads::from_bf16(gpu, (hq, hkv, l, d), &layer.q, &layer.k, &layer.v)?;
+            let mut a = DevAttention::new(gpu, &h)?;
+            let mut b = DevAttention::new(gpu, &h)?;
+            a.poison(gpu)?;
+            b.poison(gpu)?;
+            prefill::run_dense_with(gpu, &h, &mut a, Variant::Mt1)?;
+            prefill::run_dense_with(gpu, &h, &mut b, Variant::Wg(c))?;
+            gpu.sync()?;
+            let oa = gpu.download(&a.o)?;
+            let ob = gpu.download(&b.o)?;
+            let (mut me, mut mr, mut bad) = (0f64, 0f64, 0usize);
+            for (x, y) in ob.iter().zip(&oa) {
+                let (x, y) = (bf16_to_f32(*x) as f64, bf16_to_f32(*y) as f64);
+                if !x.is_finite() {
+                    bad += 1;
+                    continue;
+                }
+                me = me.max((x - y).abs());
+                mr = mr.max(y.abs());
+            }
+            Ok((me / mr.max(1e-30), bad))
+        })();
+        let (rel, bad, err) = match res {
+            Ok((r, b)) => (r, b, String::new()),
+            Err(e) => (f64::INFINITY, 0, e.to_string()),
+        };
+        let ok = err.is_empty() && bad == 0 && rel <= 1e-2;
+        tries.push(json!({"layout": c, "dim": d, "rel_err_vs_mt1": rel, "non_finite": bad, "error": err, "ok": ok}));
+        if ok {
+            return (Some(c), json!(tries));
+        }
+        if !err.is_empty() {
+            // A launch error leaves the context unusable: stop trying.
+            return (None, json!(tries));
+        }
+    }
+    (None, json!(tries))
+}
+
+/// A per-kernel timing of a bench row (NaN when that kernel was not run).
+fn vf(r: &Value, kernel: &str, key: &str) -> f64 {
+    r["variants"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["kernel"] == kernel))
+        .and_then(|v| v[key].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+fn bandwidth(gpu: &Gpu) -> GpuResult<f64> {
+    let n = 1usize << 28; // 1 GiB of f32
+    let a = gpu.alloc::<f32>(n)?;
+    let mut b = gpu.alloc::<f32>(n)?;
+    let e = ev(gpu, 2)?;
+    let mut t = vec![];
+    for _ in 0..8 {
+        e[0].record(&gpu.stream).ctx("record")?;
+        gpu.stream.memcpy_dtod(&a, &mut b).ctx("memcpy dtod")?;
+        e[1].record(&gpu.stream).ctx("record")?;
+        gpu.sync()?;
+        t.push(ms(&e[0], &e[1])?);
+    }
+    Ok(2.0 * (n * 4) as f64 / (median(t) * 1e6))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(ok) => {
+            if ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::from(2)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow_lite::Result<bool> {
+    std::fs::create_dir_all(&args.out)?;
+    let gpu = match Gpu::new() {
+        Ok(g) => g,
+        Err(tca::cuda::GpuError::NoDevice(m)) => {
+            println!("no CUDA device ({m}): skipping");
+            return Ok(true);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!("device: {}", gpu.name());
+    let mut info = json!({"device": gpu.name()});
+    for name in [
+        "tca_prefill_bf16_d128",
+        "tca_prefill_bf16_mt2_d128",
+        "tca_prefill_bf16_mt2_d64",
+        "tca_prefill_wgmma_d128",
+        "tca_prefill_wgmma_d64",
+        "tca_prefill_bf16_d64",
+        "tca_decode_d128_g4",
+        "tca_decode_d64_g3",
+        "tca_logits_d128_g4",
+    ] {
+        let f = gpu.func(name)?;
+        info[name] = json!({"regs": f.num_regs().ctx("attr")?, "local_bytes": f.local_size_bytes().ctx("attr")?,
+                            "static_smem": f.shared_size_bytes().ctx("attr")?});
+    }
+    println!("kernels: {info}");
+    if args.probe_wgmma {
+        let mut all = vec![];
+        for (hq, d) in [(4usize, 128usize), (3, 64)] {
+            let (wg, tries) = pick_wgmma_layout(&gpu, hq, d);
+            println!("wgmma d={d} tries: {tries}");
+            all.push(tries);
+            match wg {
+                Some(c) => println!("WGMMA_LAYOUT_D{d}={c}"),
+                None => println!("WGMMA_LAYOUT_D{d}=none"),
+            }
+        }
+        std::fs::write(
+            args.out.join("wgmma_probe.json"),
+            serde_json::to_string_pretty(&all)?,
+        )?;
+        return Ok(true);
+    }
+    info["wgmma_layout"] = json!({"d128": args.wgmma_d128, "d64": args.wgmma_d64});
+    let mut all_pass = true;
+    if !args.skip_check {
+        let mut cases = vec![];
+        for (name, shape) in [
+            ("llama-small", (8, 2, 2048, 128)),
+            ("smol-small", (6, 2, 1536, 64)),
+            ("mha-small", (2, 2, 640, 64)),
+        ] {
+            if !args.cases.iter().any(|c| c == name) {
+                continue;
+            }
+            let wg = if shape.3 == 128 {
+                args.wgmma_d128
+            } else {
+                args.wgmma_d64
+            };
+            match check_case(wg, &gpu, name, shape) {
+                Ok((v, ok)) => {
+                    all_pass &= ok;
+                    cases.push(v);
+                }
+                Err(e) => {
+                    println!("  [FAIL] {name}: error {e}");
+                    all_pass = false;
+                    cases.push(json!({"case": name, "error": e.to_string(), "pass": false}));
+                }
+            }
+        }
+        let out = json!({"info": info, "cases": cases, "pass": all_pass});
+        std::fs::write(
+            args.out.join("correctness.json"),
+            serde_json::to_string_pretty(&out)?,
+        )?;
+        println!("correctness: {}", if all_pass { "PASS" } else { "FAIL" });
+    }
+    if args.check_only {
+        return Ok(all_pass);
+    }
+    let bw = bandwidth(&gpu)?;
+    println!("device-to-device copy: {:.0} GB/s (read + write)", bw);
+    let models = [
+        Model {
+            name: "llama",
+            hq: 32,
+            hkv: 8,
+            d: 128,
+        },
+        Model {
+            name: "smol",
+            hq: 9,
+            hkv: 3,
+            d: 64,
+        },
+    ];
+    let mut rows = vec![];
+    let mut csv = std::fs::File::create(args.out.join("bench.csv"))?;
+    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_wgmma,dense_ms_mt1,dense_ms_mt2,dense_ms_wgmma")?;
+    for m in models
+        .iter()
+        .filter(|m| args.models.iter().any(|n| n == m.name))
+    {
+        for &l in &args.lens {
+            let mut variants = vec![Variant::Mt1, Variant::Mt2];
+            if let Some(c) = if m.d == 128 {
+                args.wgmma_d128
+            } else {
+                args.wgmma_d64
+            } {
+                variants.push(Variant::Wg(c));
+            }
+            let r = match bench_one(&gpu, m, l, args, &variants) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("{} L={l}: error {e}", m.name);
+                    all_pass = false;
+                    rows.push(json!({"model": m.name, "len": l, "error": e.to_string()}));
+                    continue;
+                }
+            };
+            let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+            writeln!(
+                csv,
+                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                m.name, l, m.hq, m.hkv, m.d, f(&r["keep_frac"]), f(&r["sg_frac_of_candidates"]), f(&r["mean_gamma"]),
+                f(&r["ms"]["tca_total"]), f(&r["ms"]["importance"]), f(&r["ms"]["redundancy"]), f(&r["ms"]["sorting"]),
+                f(&r["ms"]["selection"]), f(&r["ms"]["attention"]), f(&r["ms"]["dense"]), f(&r["speedup_vs_own_dense"]),
+                f(&r["selection_share"]), f(&r["tflops_kept_attention"]), f(&r["tflops_dense"]),
+                f(&r["decode"]["sparse_us"]), f(&r["decode"]["dense_us"]), f(&r["decode"]["speedup"]), f(&r["decode"]["sparse_GBps"]),
+                r["kv_bytes_full"], r["kv_bytes_tca"], bw,
+                r["attention_kernel"].as_str().unwrap_or("?"),
+                vf(&r, "mt1", "attention_ms"), vf(&r, "mt2", "attention_ms"), vf(&r, "wgmma", "attention_ms"),
+                vf(&r, "mt1", "dense_ms"), vf(&r, "mt2", "dense_ms"), vf(&r, "wgmma", "dense_ms")
+            )?;
+            csv.flush()?;
+            let bad = r["non_finite_outputs"]
+                .as_object()
+                .map(|o| o.values().any(|v| v.as_u64() != Some(0)))
+                .unwrap_or(true);
+            if bad {
+                println!(
+                    "  non-finite outputs in the timed runs: {}",
+                    r["non_finite_outputs"]
+                );
+                all_pass = false;
+            }
+            rows.push(r);
+            std::fs::write(
+                args.out.join("bench.json"),
+                serde_json::to_string_pretty(
+                    &json!({"info": info, "copy_GBps": bw, "rows": rows}),
+                )?,
+            )?;
+        }
+    }
+    Ok(all_pass)
+}

@@ -1,0 +1,219 @@
+//! Prefill attention launchers: TCA sparse prefill over the compacted global cache plus
+//! each query's window, and dense causal attention (the audit's full log-sum-exp).
+
+use super::selection::DevSelection;
+use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+
+/// Keys per tile (both kernels).
+pub const BN: usize = 64;
+
+/// The two prefill kernels: `Mt1` (kernels/attention_bf16.cu: one m16 row tile per warp,
+/// 64 query rows per CTA, Q fragments in registers, 3 cp.async stages) and `Mt2`
+/// (kernels/attention_bf16_mt.cu: two row tiles per warp, 128 rows per CTA, Q in shared
+/// memory, 2 stages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Mt1,
+    Mt2,
+    /// kernels/attention_wgmma.cu (sm_90a warpgroup MMA, 64 rows per CTA). The value picks
+    /// the shared-memory descriptor offsets (see [`Variant::wgmma_layout`]); which one the
+    /// hardware reads as the layout the kernel writes is established by a self-test
+    /// against the `Mt1` kernel before use.
+    Wg(u8),
+}
+
+impl Variant {
+    pub const ALL: [Variant; 2] = [Variant::Mt1, Variant::Mt2];
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Mt1 => "mt1",
+            Variant::Mt2 => "mt2",
+            Variant::Wg(_) => "wgmma",
+        }
+    }
+    /// Query rows per CTA.
+    pub fn bm(self) -> usize {
+        match self {
+            Variant::Mt1 => 64,
+            Variant::Mt2 => 128,
+            Variant::Wg(_) => 64,
+        }
+    }
+    fn kernel_name(self, d: usize) -> String {
+        match self {
+            Variant::Mt1 => format!("tca_prefill_bf16_d{d}"),
+            Variant::Mt2 => format!("tca_prefill_bf16_mt2_d{d}"),
+            Variant::Wg(_) => format!("tca_prefill_wgmma_d{d}"),
+        }
+    }
+    fn smem_bytes(self, d: usize) -> usize {
+        let row = (d + 8) * 2;
+        match self {
+            Variant::Mt1 => 3 * 2 * BN * row + 3 * BN * 4,
+            Variant::Mt2 => 128 * row + 2 * 2 * BN * row + 2 * BN * 4,
+            Variant::Wg(_) => 2 * 2 * BN * d * 2 + 2 * BN * 4,
+        }
+    }
+
+    /// Descriptor byte offsets (K lbo, K sbo, V lbo, V sbo) of the wgmma kernel for head
+    /// dimension d. The kernel writes K tiles as 8-row groups 16 d bytes apart with the
+    /// 16-byte chunks along d 128 bytes apart, and V tiles as d-chunks BN * 16 bytes apart
+    /// with 8-key groups 128 bytes apart. Layout 0 reads "leading = along K, stride =
+    /// along M/N" for both; bit 0 swaps K's pair, bit 1 swaps V's.
+    pub fn wgmma_layout(c: u8, d: usize) -> [i32; 4] {
+        let (kl, ks) = (128, 16 * d as i32);
+        let (vl, vs) = (128, (BN * 16) as i32);
+        let k = if c & 1 == 0 { (kl, ks) } else { (ks, kl) };
+        let v = if c & 2 == 0 { (vl, vs) } else { (vs, vl) };
+        [k.0, k.1, v.0, v.1]
+    }
+}
+
+/// The default prefill kernel.
+pub const DEFAULT: Variant = Variant::Mt1;
+
+/// Prefill outputs on the device: O [Hq, L, D] (bf16) and the log-sum-exp [Hq, L].
+pub struct DevAttention {
+    pub o: CudaSlice<u16>,
+    pub lse: CudaSlice<f32>,
+}
+
+impl DevAttention {
+    pub fn new(gpu: &Gpu, h: &DevHeads) -> GpuResult<Self> {
+        Ok(DevAttention {
+            o: gpu.alloc(h.hq * h.len * h.dim)?,
+            lse: gpu.alloc(h.hq * h.len)?,
+        })
+    }
+
+    /// NaN-fills both outputs.
+    pub fn poison(&mut self, gpu: &Gpu) -> GpuResult<()> {
+        gpu.poison(&mut self.o)?;
+        gpu.poison(&mut self.lse)
+    }
+}
+
+fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
+    let f = gpu.func(&v.kernel_name(d))?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        v.smem_bytes(d) as i32,
+    )
+    .ctx("cuFuncSetAttribute(max dynamic shared memory)")?;
+    Ok(f)
+}
+
+/// TCA sparse prefill: query i attends to S_G's keys at positions <= i - w (read from
+/// the compacted cache) and to its window [max(0, i - w + 1), i].
+pub fn run_sparse(
+    gpu: &Gpu,
+    h: &DevHeads,
+    sel: &DevSelection,
+    out: &mut DevAttention,
+) -> GpuResult<()> {
+    run_sparse_with(gpu, h, sel, out, DEFAULT)
+}
+
+/// [`run_sparse`] with a chosen kernel.
+pub fn run_sparse_with(
+    gpu: &Gpu,
+    h: &DevHeads,
+    sel: &DevSelection,
+    out: &mut DevAttention,
+    v: Variant,
+) -> GpuResult<()> {
+    let f = kernel(gpu, h.dim, v)?;
+    let (gcap, l, hq, hkv, w) = (
+        sel.gcap as i32,
+        h.len as i32,
+        h.hq as i32,
+        h.hkv as i32,
+        sel.window as i32,
+    );
+    let sl2 = h.scale_log2();
+    let lay = match v {
+        Variant::Wg(c) => Variant::wgmma_layout(c, h.dim),
+        _ => [0; 4],
+    };
+    unsafe {
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&h.q)
+            .arg(&h.k)
+            .arg(&h.v)
+            .arg(&sel.gk)
+            .arg(&sel.gv)
+            .arg(&sel.gpos)
+            .arg(&sel.gcount)
+            .arg(&gcap)
+            .arg(&mut out.o)
+            .arg(&mut out.lse)
+            .arg(&l)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&w)
+            .arg(&sl2);
+        if let Variant::Wg(_) = v {
+            b.arg(&lay[0]).arg(&lay[1]).arg(&lay[2]).arg(&lay[3]);
+        }
+        b.launch(cfg(
+            (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
+            128,
+            v.smem_bytes(h.dim) as u32,
+        ))
+    }
+    .ctx("tca_prefill (sparse)")?;
+    Ok(())
+}
+
+/// Dense causal attention with the same kernel (no global part, w = L).
+pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevAttention) -> GpuResult<()> {
+    run_dense_with(gpu, h, out, DEFAULT)
+}
+
+/// [`run_dense`] with a chosen kernel.
+pub fn run_dense_with(
+    gpu: &Gpu,
+    h: &DevHeads,
+    out: &mut DevAttention,
+    v: Variant,
+) -> GpuResult<()> {
+    let f = kernel(gpu, h.dim, v)?;
+    let (l, hq, hkv) = (h.len as i32, h.hq as i32, h.hkv as i32);
+    let sl2 = h.scale_log2();
+    let null = 0u64;
+    let zero = 0i32;
+    let lay = match v {
+        Variant::Wg(c) => Variant::wgmma_layout(c, h.dim),
+        _ => [0; 4],
+    };
+    unsafe {
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&h.q)
+            .arg(&h.k)
+            .arg(&h.v)
+            .arg(&null)
+            .arg(&null)
+            .arg(&null)
+            .arg(&null)
+            .arg(&zero)
+            .arg(&mut out.o)
+            .arg(&mut out.lse)
+            .arg(&l)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&l)
+            .arg(&sl2);
+        if let Variant::Wg(_) = v {
+            b.arg(&lay[0]).arg(&lay[1]).arg(&lay[2]).arg(&lay[3]);
+        }
+        b.launch(cfg(
+            (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
+            128,
+            v.smem_bytes(h.dim) as u32,
+        ))
+    }
+    .ctx("tca_prefill (dense)")?;
+    Ok(())
+}

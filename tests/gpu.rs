@@ -1,0 +1,68 @@
+//! GPU tests (feature `cuda`): skipped, with a message, where no CUDA device is present.
+#![cfg(feature = "cuda")]
+
+use tca::cuda::backend::{select_params, GpuBackend};
+use tca::cuda::synth::generate;
+use tca::selection::candidates;
+use tca::Config;
+
+fn small_cfg() -> Config {
+    Config {
+        block_size: 16,
+        window: 64,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn synthetic_layer_feeds_the_oracle_selection() {
+    // Host-only: the generator, the bf16 round trip and the oracle's selection on it.
+    let layer = generate(4, 2, 320, 64, 3);
+    let heads = layer.to_heads().unwrap();
+    let cfg = small_cfg();
+    let c = candidates(&cfg).unwrap();
+    let budgets = vec![c[5].budget.clone(); 2];
+    let sel = tca::selection::select(&heads, &cfg, &budgets).unwrap();
+    assert_eq!(sel.heads.len(), 2);
+    let p = select_params(320, &cfg, &budgets).unwrap();
+    assert_eq!(p.table.len(), 2 * 16);
+    assert!(!layer.needles[1].is_empty());
+}
+
+#[test]
+fn gpu_matches_oracle_on_a_small_layer() {
+    let gpu = match GpuBackend::new() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipping GPU test: {e}");
+            return;
+        }
+    };
+    let layer = generate(4, 2, 320, 64, 3);
+    let heads = layer.to_heads().unwrap();
+    let cfg = small_cfg();
+    let c = candidates(&cfg).unwrap();
+    let budgets = vec![c[5].budget.clone(); 2];
+    let cpu = tca::selection::select(&heads, &cfg, &budgets).unwrap();
+    let (gsel, att) = gpu.sparse_prefill(&heads, &cfg, &budgets).unwrap();
+    let mut s = cpu.clone();
+    for kv in 0..2 {
+        s.heads[kv].global = gsel.global[kv].clone();
+    }
+    let want = tca::selection::sparse_attention(&heads, &s).unwrap();
+    let err = (&att.o - &want.o).iter().fold(0f64, |m, x| m.max(x.abs()));
+    let scale = want.o.iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert!(
+        err <= 1e-2 * scale,
+        "sparse prefill error {err} (scale {scale})"
+    );
+    let dense = gpu.dense_prefill(&heads).unwrap();
+    let full = tca::reference::exact::attention(&heads);
+    let err = (&dense.o - &full.o)
+        .iter()
+        .fold(0f64, |m, x| m.max(x.abs()));
+    assert!(
+        err <= 1e-2 * scale.max(1e-3) * 10.0,
+        "dense prefill error {err}"
+    );
+}
