@@ -7,6 +7,7 @@
 
 pub mod bounds;
 pub mod fig1;
+pub mod fig3;
 pub mod fig4;
 pub mod fig5;
 pub mod peers;
@@ -300,8 +301,9 @@ pub fn progress(n: usize, what: &str) -> ProgressBar {
 pub type Experiment = fn(&Context) -> Result<Vec<PathBuf>>;
 
 /// Every experiment by binary name, in the order `tca reproduce` runs them.
-pub const EXPERIMENTS: [(&str, Experiment); 5] = [
+pub const EXPERIMENTS: [(&str, Experiment); 6] = [
     ("fig1_attention", fig1::run),
+    ("fig3_overhead", fig3::run),
     ("bound_figures", bounds::run),
     ("peer_policies", peers::run),
     ("fig5_tau", fig5::run),
