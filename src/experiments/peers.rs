@@ -78,12 +78,19 @@ impl Figure for Peers {
 
 /// Writes `peer_policies` (figure and the aggregated table).
 pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
-    let evals = ctx.base_evals()?;
-    let layers: Vec<_> = ctx.layers().collect();
+    // The synthetic layers and at most 4 real ones (as in the sweeps), with their
+    // base evaluations.
+    let shown = ctx.sweep_layers();
+    let pairs: Vec<_> = ctx
+        .layers()
+        .zip(ctx.base_evals()?)
+        .filter(|(l, _)| shown.iter().any(|s| std::ptr::eq(*s, *l)))
+        .collect();
+    let layers: Vec<_> = pairs.iter().map(|(l, _)| *l).collect();
     let stem = ctx.stem("peer_policies");
     let (mut lab, mut pol, mut gamma, mut rel, mut kept) = (vec![], vec![], vec![], vec![], vec![]);
     let pb = progress(layers.len() * Policy::ALL.len(), "peer policies");
-    for (l, e) in layers.iter().zip(evals) {
+    for (l, e) in pairs {
         let cfg = ctx.config_for(l);
         for p in Policy::ALL {
             pb.inc(1);
@@ -137,11 +144,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             (p.name().to_string(), get(&ret), get(&err), get(&kf))
         })
         .collect();
-    let src = if ctx.real.is_empty() {
-        "synthetic heads"
-    } else {
-        "synthetic heads and captured layers"
-    };
+    let src = ctx.data_label();
     files.extend(render(
         &stem,
         &Peers {
