@@ -307,7 +307,7 @@ pub struct QualityNiahArgs {
 }
 
 /// The needle's number of (length, depth): 7 digits from a seeded SplitMix64.
-fn needle_number(seed: u64, len: usize, depth: u64) -> u64 {
+pub fn needle_number(seed: u64, len: usize, depth: u64) -> u64 {
     let mut z = seed
         .wrapping_add((len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
         .wrapping_add(depth.wrapping_mul(0xBF58_476D_1CE4_E5B9));
