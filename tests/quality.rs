@@ -6,7 +6,9 @@
 use std::sync::OnceLock;
 
 use tca::calibration::{HeadProfile, LayerProfile, ModelShape, Profile};
-use tca::cli::model::{calibration_tokens, CalibrationArgs};
+use tca::cli::model::{
+    calibration_tokens, perplexity, AttentionKind, CalibrationArgs, PerplexityArgs,
+};
 use tca::cli::quality::{niah_prompt, run_quality_ppl, QualityPplArgs};
 use tca::model::sparse::{calibrate_model, generate_tca, CalibrationHook, SparsePolicy};
 use tca::model::{assets, Exact, Model};
@@ -268,4 +270,51 @@ fn quality_ppl_writes_its_table() {
         ..args
     };
     assert!(run_quality_ppl(bad).is_err());
+}
+
+#[test]
+fn perplexity_cli_runs_tca_and_the_peers() {
+    let _ = need_model!();
+    let dir = tempfile::tempdir().unwrap();
+    let cfgfile = dir.path().join("c.toml");
+    std::fs::write(&cfgfile, "tau = 0.95\nblock_size = 16\nwindow = 32\n").unwrap();
+    let args = PerplexityArgs {
+        text: None,
+        tokens: 96,
+        from: 0,
+        attention: AttentionKind::Exact,
+        calibration: CalibrationArgs {
+            config: Some(cfgfile.clone()),
+            profile: None,
+            calib_offset: 40_000,
+            calib_tokens: 128,
+            calib_text: None,
+        },
+        model: None,
+    };
+    let exact = perplexity(&args).unwrap();
+    for kind in [AttentionKind::Tca, AttentionKind::StreamingLlm] {
+        let r = perplexity(&PerplexityArgs {
+            attention: kind,
+            ..args.clone()
+        })
+        .unwrap();
+        assert!(r.keep_fraction < 1.0, "{kind:?} kept everything");
+        let (pe, pt) = (exact.score.perplexity(), r.score.perplexity());
+        assert!(
+            pt.is_finite() && (pt / pe - 1.0).abs() < 0.1,
+            "{kind:?}: {pe} vs {pt}"
+        );
+    }
+    // A profile that is not a profile, and a calibration passage beyond the text.
+    let junk = dir.path().join("p.json");
+    std::fs::write(&junk, "{}").unwrap();
+    let mut bad = args.clone();
+    bad.attention = AttentionKind::Tca;
+    bad.calibration.profile = Some(junk);
+    assert!(perplexity(&bad).is_err());
+    let mut bad = args.clone();
+    bad.attention = AttentionKind::Tca;
+    bad.calibration.calib_offset = 10_000_000;
+    assert!(perplexity(&bad).unwrap_err().to_string().contains("only"));
 }
