@@ -47,6 +47,26 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty cache for head dimension `d` that keeps `block_keep` tokens of each
+    /// compacted block (fill it with [`KvCache::push_global`] and
+    /// [`KvCache::push_window`]).
+    pub fn new(d: usize, block_keep: usize) -> Self {
+        KvCache {
+            d,
+            global: Part::default(),
+            window: Part::default(),
+            block_keep,
+            compactions: 0,
+        }
+    }
+    /// Appends a token (key, value, original position) to the global part.
+    pub fn push_global(&mut self, k: ArrayView1<'_, f64>, v: ArrayView1<'_, f64>, pos: usize) {
+        self.global.push(k, v, pos);
+    }
+    /// Appends a token (key, value, original position) to the local window.
+    pub fn push_window(&mut self, k: ArrayView1<'_, f64>, v: ArrayView1<'_, f64>, pos: usize) {
+        self.window.push(k, v, pos);
+    }
     /// Tokens held.
     pub fn len(&self) -> usize {
         self.global.pos.len() + self.window.pos.len()
@@ -76,7 +96,7 @@ impl KvCache {
     }
 
     /// Softmax of `q` (scaled by `scale`) over the cache, and the output sum p_n v_n.
-    fn attend(&self, q: ArrayView1<'_, f64>, scale: f64) -> (Vec<f64>, Array1<f64>) {
+    pub fn attend(&self, q: ArrayView1<'_, f64>, scale: f64) -> (Vec<f64>, Array1<f64>) {
         let d = self.d;
         let parts = [&self.global, &self.window];
         let mut p: Vec<f64> = parts
@@ -91,6 +111,22 @@ impl KvCache {
             o.scaled_add(*pn, &ArrayView1::from(v));
         }
         (p, o)
+    }
+
+    /// [`KvCache::compact`] with its preconditions checked: the window holds at least
+    /// `b >= 1` tokens and `score` has an entry for every token held.
+    pub fn try_compact(&mut self, b: usize, score: &[f64]) -> Result<()> {
+        if b == 0 || self.window_len() < b || score.len() != self.len() {
+            return Err(TcaError::Invalid(format!(
+                "cannot compact a block of {b} with {} window tokens and {} scores for {} \
+                 tokens held",
+                self.window_len(),
+                score.len(),
+                self.len()
+            )));
+        }
+        self.compact(b, score);
+        Ok(())
     }
 
     /// Moves the top `block_keep` of the window's oldest b tokens (by `score`, indexed
@@ -177,13 +213,7 @@ pub fn decode(
         .into_par_iter()
         .map(|kv| {
             let (k, v) = (heads.k(kv), heads.v(kv));
-            let mut cache = KvCache {
-                d: heads.dim(),
-                global: Part::default(),
-                window: Part::default(),
-                block_keep: budgets[kv].decode_budget(),
-                compactions: 0,
-            };
+            let mut cache = KvCache::new(heads.dim(), budgets[kv].decode_budget());
             for &j in &sel.heads[kv].global {
                 cache.global.push(k.row(j), v.row(j), j);
             }

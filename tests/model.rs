@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 
 use ndarray::{Array3, ArrayView3};
 use tca::cli::model::{
-    parse_layers, perplexity, run_capture, run_perplexity, AttentionKind, CaptureArgs,
-    PerplexityArgs,
+    parse_layers, perplexity, run_capture, run_perplexity, AttentionKind, CalibrationArgs,
+    CaptureArgs, PerplexityArgs, DEFAULT_CALIB_OFFSET,
 };
 use tca::model::gguf::{GgmlType, GgufFile, MetaValue};
 use tca::model::quant::{dequantize, dequantize_q4_1_block, dequantize_q8_0_block};
@@ -549,6 +549,13 @@ fn perplexity_cli_and_bad_input() {
         tokens: 64,
         from: 0,
         attention: AttentionKind::Exact,
+        calibration: CalibrationArgs {
+            config: None,
+            profile: None,
+            calib_offset: DEFAULT_CALIB_OFFSET,
+            calib_tokens: 2048,
+            calib_text: None,
+        },
         model: None,
     };
     let r = perplexity(&args).unwrap();

@@ -2,6 +2,7 @@
 
 pub mod commands;
 pub mod model;
+pub mod quality;
 pub mod report;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,14 @@ pub enum Command {
     Capture(model::CaptureArgs),
     /// Perplexity of SmolLM2-135M on a text.
     Perplexity(model::PerplexityArgs),
+    /// Calibrate every layer and KV head of SmolLM2-135M on a passage; write a profile.
+    CalibrateModel(model::CalibrateModelArgs),
+    /// Perplexity and top-1 agreement with exact attention, TCA across tau (table).
+    QualityPpl(quality::QualityPplArgs),
+    /// Needle-in-a-haystack retrieval for exact attention, TCA and the peers (table).
+    QualityNiah(quality::QualityNiahArgs),
+    /// Per layer and KV head: budget, keep fraction, gamma statistics (table).
+    QualityHeads(quality::QualityHeadsArgs),
 }
 
 /// Runs a parsed command line.
@@ -42,5 +51,9 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Reproduce(a) => commands::reproduce(a),
         Command::Capture(a) => model::run_capture(a),
         Command::Perplexity(a) => model::run_perplexity(a),
+        Command::CalibrateModel(a) => model::run_calibrate_model(a),
+        Command::QualityPpl(a) => quality::run_quality_ppl(a),
+        Command::QualityNiah(a) => quality::run_quality_niah(a),
+        Command::QualityHeads(a) => quality::run_quality_heads(a),
     }
 }

@@ -12,8 +12,12 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use safetensors::tensor::{Dtype, TensorView};
 
+use crate::calibration::Profile;
+use crate::config::Config;
 use crate::error::{Result, TcaError};
+use crate::model::sparse::{calibrate_model, SparsePolicy};
 use crate::model::{assets, AttentionPolicy, Exact, Model, Score};
+use crate::selection::policies::Policy;
 
 /// Attention used by the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -21,6 +25,227 @@ pub enum AttentionKind {
     /// Exact causal softmax attention (f32).
     #[default]
     Exact,
+    /// TCA with per-layer, per-KV-head calibrated budgets (f64 reference selection).
+    Tca,
+    /// Per query, the |S_i| keys of largest true attention (TCA's budget; upper limit).
+    OracleTopk,
+    /// First 4 tokens plus the most recent ones, |S_i| in all (TCA's budget).
+    StreamingLlm,
+    /// TCA's ranking with the same budget in every block (TCA's total).
+    BlockTopk,
+    /// Smallest set of the last query's importance reaching tau (own budget).
+    CumulativeThreshold,
+}
+
+impl AttentionKind {
+    pub const ALL: [AttentionKind; 6] = [
+        AttentionKind::Exact,
+        AttentionKind::Tca,
+        AttentionKind::OracleTopk,
+        AttentionKind::StreamingLlm,
+        AttentionKind::BlockTopk,
+        AttentionKind::CumulativeThreshold,
+    ];
+
+    /// The selection policy, `None` for exact attention.
+    pub fn policy(self) -> Option<Policy> {
+        match self {
+            AttentionKind::Exact => None,
+            AttentionKind::Tca => Some(Policy::Tca),
+            AttentionKind::OracleTopk => Some(Policy::OracleTopK),
+            AttentionKind::StreamingLlm => Some(Policy::StreamingLlm),
+            AttentionKind::BlockTopk => Some(Policy::BlockTopK),
+            AttentionKind::CumulativeThreshold => Some(Policy::CumulativeThreshold),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.policy().map_or("exact", Policy::name)
+    }
+}
+
+/// Where a sparse attention's calibration comes from.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrationArgs {
+    /// TOML configuration of TCA (SPEC section 7); default: configs/model.toml's
+    /// scaled setting (b = 64, w = 256, tau = 0.9).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Calibration profile made by `tca calibrate-model` (else: calibrate on the fly on
+    /// the calibration passage below).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// First token of the calibration passage within the calibration text.
+    #[arg(long, default_value_t = DEFAULT_CALIB_OFFSET)]
+    pub calib_offset: usize,
+    /// Tokens of the calibration passage.
+    #[arg(long, default_value_t = 2048)]
+    pub calib_tokens: usize,
+    /// Calibration text (default: the embedded Pride and Prejudice).
+    #[arg(long)]
+    pub calib_text: Option<PathBuf>,
+}
+
+/// Where the default calibration passage starts in the novel: far from the first 8K
+/// tokens that the evaluations read.
+pub const DEFAULT_CALIB_OFFSET: usize = 100_000;
+
+/// The scaled configuration used on SmolLM2 unless `--config` says otherwise.
+pub const MODEL_CONFIG: &str = include_str!("../../configs/model.toml");
+
+impl CalibrationArgs {
+    /// The configuration (validated).
+    pub fn config(&self) -> Result<Config> {
+        match &self.config {
+            Some(p) => Config::from_file(p),
+            None => Config::from_toml_str(MODEL_CONFIG),
+        }
+    }
+
+    /// The profile: loaded (and checked against the configuration's block size), or
+    /// calibrated on the calibration passage for each of `taus`.
+    pub fn profiles(&self, model: &Model, cfg: &Config, taus: &[f64]) -> Result<Vec<Profile>> {
+        if let Some(p) = &self.profile {
+            let prof = Profile::load(p)?;
+            if prof.config.block_size != cfg.block_size {
+                return Err(TcaError::ProfileMismatch(format!(
+                    "{} was calibrated with block_size = {}, the configuration has {}",
+                    p.display(),
+                    prof.config.block_size,
+                    cfg.block_size
+                )));
+            }
+            return Ok(vec![prof; taus.len()]);
+        }
+        let tokens = calibration_tokens(
+            model,
+            self.calib_text.as_deref(),
+            self.calib_offset,
+            self.calib_tokens,
+        )?;
+        calibrate_model(&model.llama, &tokens, cfg, taus)
+    }
+}
+
+/// Tokens `offset .. offset + n` of a text (default: the novel).
+pub fn calibration_tokens(
+    model: &Model,
+    text: Option<&Path>,
+    offset: usize,
+    n: usize,
+) -> Result<Vec<u32>> {
+    if n < 2 {
+        return Err(TcaError::Invalid(
+            "the calibration passage needs at least 2 tokens".into(),
+        ));
+    }
+    if n > model.llama.config.context {
+        return Err(TcaError::Invalid(format!(
+            "a calibration passage of {n} tokens exceeds the model's context of {}",
+            model.llama.config.context
+        )));
+    }
+    let text = assets::read_text(text)?;
+    let tokens = model.tokenizer.encode(&text);
+    let end = offset.saturating_add(n);
+    if end > tokens.len() {
+        return Err(TcaError::Invalid(format!(
+            "calibration passage {offset}..{end}: the text has only {} tokens",
+            tokens.len()
+        )));
+    }
+    Ok(tokens[offset..end].to_vec())
+}
+
+/// The attention policy of `kind` under `cfg` and `profile` (unused for exact).
+pub fn make_policy(
+    kind: AttentionKind,
+    cfg: &Config,
+    profile: Option<Profile>,
+) -> Result<Box<dyn AttentionPolicy>> {
+    match kind.policy() {
+        None => Ok(Box::new(Exact::default())),
+        Some(p) => {
+            let prof = profile.ok_or_else(|| {
+                TcaError::Invalid(format!("attention {} needs a profile", kind.name()))
+            })?;
+            Ok(Box::new(SparsePolicy::new(p, cfg.clone(), prof)?))
+        }
+    }
+}
+
+/// Arguments of `tca calibrate-model`.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateModelArgs {
+    /// TOML configuration (default: configs/model.toml's scaled setting).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Calibration text (default: the embedded Pride and Prejudice).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// First token of the calibration passage.
+    #[arg(long, default_value_t = DEFAULT_CALIB_OFFSET)]
+    pub offset: usize,
+    /// Tokens of the calibration passage.
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Profile (JSON) to write: every layer and KV head.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// `tca calibrate-model`: calibrate every layer and KV head of the model on a passage
+/// (exact forward pass, f64 reference calibration) and write a multi-layer profile.
+pub fn run_calibrate_model(a: CalibrateModelArgs) -> Result<()> {
+    if a.out.exists() && !a.force {
+        return Err(TcaError::WouldOverwrite(a.out.clone()));
+    }
+    let cfg = match &a.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::from_toml_str(MODEL_CONFIG)?,
+    };
+    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    let tokens = calibration_tokens(&model, a.text.as_deref(), a.offset, a.tokens)?;
+    let t0 = Instant::now();
+    let prof = calibrate_model(&model.llama, &tokens, &cfg, &[cfg.tau])?
+        .pop()
+        .ok_or_else(|| TcaError::Invalid("no profile".into()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "calibrated {} layers x {} KV heads on tokens {}..{} (tau = {}, b = {}, w = {}, criterion {:?}) in {secs:.1} s",
+        prof.layers.len(),
+        prof.model.num_kv_heads,
+        a.offset,
+        a.offset + tokens.len(),
+        cfg.tau,
+        cfg.block_size,
+        cfg.window,
+        cfg.criterion
+    );
+    println!("layer  kv  m   E[k]   retained  reached  |S_G|");
+    for l in &prof.layers {
+        for h in &l.heads {
+            println!(
+                "{:>5} {:>3} {:>2} {:>6.2}  {:.5}   {:<7}  {}",
+                l.layer,
+                h.kv_head,
+                h.m,
+                h.expected_budget,
+                h.retained,
+                h.reached_tau,
+                h.global_tokens
+            );
+        }
+    }
+    prof.save(&a.out, a.force)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
 }
 
 /// Arguments of `tca capture`.
@@ -62,6 +287,8 @@ pub struct PerplexityArgs {
     /// Attention of the forward pass.
     #[arg(long, value_enum, default_value_t = AttentionKind::Exact)]
     pub attention: AttentionKind,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -224,7 +451,11 @@ pub struct PerplexityReport {
     pub text_tokens: usize,
     pub score: Score,
     pub load_s: f64,
+    /// Seconds spent calibrating (0 for exact attention or a loaded profile).
+    pub calibrate_s: f64,
     pub forward_s: f64,
+    /// Mean keep fraction over layers (1 for exact attention).
+    pub keep_fraction: f64,
 }
 
 /// Compute what `tca perplexity` prints.
@@ -232,18 +463,35 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     let t0 = Instant::now();
     let (model, tokens, total) =
         load_inputs(args.model.as_deref(), args.text.as_deref(), args.tokens)?;
-    let policy: Box<dyn AttentionPolicy> = match args.attention {
-        AttentionKind::Exact => Box::new(Exact::default()),
-    };
+    let cfg = args.calibration.config()?;
     let t1 = Instant::now();
-    let score = model.llama.score(&tokens, policy.as_ref(), args.from)?;
-    let t2 = Instant::now();
+    let (score, keep_fraction, t2) = match args.attention.policy() {
+        None => {
+            let t2 = Instant::now();
+            let score = model.llama.score(&tokens, &Exact::default(), args.from)?;
+            (score, 1.0, t2)
+        }
+        Some(p) => {
+            let prof = args
+                .calibration
+                .profiles(&model, &cfg, &[cfg.tau])?
+                .pop()
+                .ok_or_else(|| TcaError::Invalid("no profile".into()))?;
+            let t2 = Instant::now();
+            let pol = SparsePolicy::new(p, cfg.clone(), prof)?;
+            let score = model.llama.score(&tokens, &pol, args.from)?;
+            (score, pol.mean_keep_fraction(), t2)
+        }
+    };
+    let t3 = Instant::now();
     Ok(PerplexityReport {
         tokens: tokens.len(),
         text_tokens: total,
         score,
         load_s: (t1 - t0).as_secs_f64(),
-        forward_s: (t2 - t1).as_secs_f64(),
+        calibrate_s: (t2 - t1).as_secs_f64(),
+        forward_s: (t3 - t2).as_secs_f64(),
+        keep_fraction,
     })
 }
 
@@ -252,7 +500,30 @@ pub fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let r = perplexity(&args)?;
     let s = &r.score;
     println!("model: {}", assets::MODEL_NAME);
-    println!("attention: {:?}", args.attention);
+    println!("attention: {}", args.attention.name());
+    if args.attention != AttentionKind::Exact {
+        let cfg = args.calibration.config()?;
+        println!(
+            "config: tau = {}, b = {}, w = {}, criterion {:?}; profile: {}",
+            cfg.tau,
+            cfg.block_size,
+            cfg.window,
+            cfg.criterion,
+            match &args.calibration.profile {
+                Some(p) => p.display().to_string(),
+                None => format!(
+                    "calibrated on tokens {}..{} of the calibration text ({:.1} s)",
+                    args.calibration.calib_offset,
+                    args.calibration.calib_offset + args.calibration.calib_tokens,
+                    r.calibrate_s
+                ),
+            }
+        );
+        println!(
+            "keep fraction (mean |S_i|/(i+1) over layers, heads, queries): {:.4}",
+            r.keep_fraction
+        );
+    }
     println!("context: {} tokens (text: {})", r.tokens, r.text_tokens);
     println!(
         "targets: tokens {}..{} ({})",

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
+use ndarray::{s, Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::attention::{softmax_rows_prefix, AttentionPolicy, Exact};
@@ -208,6 +208,87 @@ impl KvCache {
     }
 }
 
+/// The attention of one decoding step: it receives each layer's post-RoPE query
+/// `[Hq * d]` and the new key and value `[Hkv * d]` of position [`Self::position`],
+/// stores them, and returns the attention output `[Hq * d]` over what it holds.
+pub trait DecodeAttention {
+    /// The position of the token being decoded (tokens held so far).
+    fn position(&self) -> usize;
+    /// Append layer `layer`'s new key and value and attend with `q`.
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: ArrayView1<f32>,
+        k: ArrayView1<f32>,
+        v: ArrayView1<f32>,
+    ) -> Result<Array1<f32>>;
+    /// Called once all layers have seen the token.
+    fn advance(&mut self);
+}
+
+impl DecodeAttention for KvCache {
+    fn position(&self) -> usize {
+        self.len
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: ArrayView1<f32>,
+        k: ArrayView1<f32>,
+        v: ArrayView1<f32>,
+    ) -> Result<Array1<f32>> {
+        let pos = self.len;
+        if pos >= self.capacity() || layer >= self.k.len() {
+            return Err(TcaError::Invalid(format!(
+                "KV cache full ({pos} of {} positions) or no layer {layer}",
+                self.capacity()
+            )));
+        }
+        let (hkv, _, d) = self.k[layer].dim();
+        let hq = q.len() / d.max(1);
+        if k.len() != hkv * d || v.len() != hkv * d || hq == 0 || hq % hkv != 0 {
+            return Err(TcaError::Shape(format!(
+                "decode step: q {}, k {}, v {} values for {hkv} KV heads of dim {d}",
+                q.len(),
+                k.len(),
+                v.len()
+            )));
+        }
+        let g = hq / hkv;
+        for h in 0..hkv {
+            self.k[layer]
+                .slice_mut(s![h, pos, ..])
+                .assign(&k.slice(s![h * d..(h + 1) * d]));
+            self.v[layer]
+                .slice_mut(s![h, pos, ..])
+                .assign(&v.slice(s![h * d..(h + 1) * d]));
+        }
+        let (kc, vc) = (&self.k[layer], &self.v[layer]);
+        let heads: Vec<Array1<f32>> = (0..hq)
+            .into_par_iter()
+            .map(|h| {
+                let kv = h / g;
+                let qh = q.slice(s![h * d..(h + 1) * d]).insert_axis(Axis(0));
+                let keys = kc.slice(s![kv, 0..=pos, ..]);
+                let mut sc = qh.dot(&keys.t());
+                sc *= 1.0 / (d as f32).sqrt();
+                softmax_rows_prefix(&mut sc, |_| pos + 1);
+                sc.dot(&vc.slice(s![kv, 0..=pos, ..])).row(0).to_owned()
+            })
+            .collect();
+        let mut o = Array1::<f32>::zeros(hq * d);
+        for (h, oh) in heads.iter().enumerate() {
+            o.slice_mut(s![h * d..(h + 1) * d]).assign(oh);
+        }
+        Ok(o)
+    }
+
+    fn advance(&mut self) {
+        self.len += 1;
+    }
+}
+
 /// Negative log-likelihoods and top-1 hits of a scored sequence.
 #[derive(Debug, Clone)]
 pub struct Score {
@@ -217,6 +298,8 @@ pub struct Score {
     pub nll: Vec<f64>,
     /// Whether the arg-max prediction was `token[t]`.
     pub correct: Vec<bool>,
+    /// The arg-max prediction for position t (first index on ties).
+    pub argmax: Vec<u32>,
 }
 
 impl Score {
@@ -230,6 +313,28 @@ impl Score {
 
     pub fn top1(&self) -> f64 {
         self.correct.iter().filter(|&&c| c).count() as f64 / self.correct.len().max(1) as f64
+    }
+
+    /// Fraction of positions where this score's arg-max equals `other`'s (the same
+    /// targets scored under another attention); an error when they cover different
+    /// positions.
+    pub fn agreement(&self, other: &Score) -> Result<f64> {
+        if self.first_target != other.first_target || self.argmax.len() != other.argmax.len() {
+            return Err(TcaError::Shape(format!(
+                "scores cover targets {}..+{} and {}..+{}",
+                self.first_target,
+                self.argmax.len(),
+                other.first_target,
+                other.argmax.len()
+            )));
+        }
+        let same = self
+            .argmax
+            .iter()
+            .zip(&other.argmax)
+            .filter(|(a, b)| a == b)
+            .count();
+        Ok(same as f64 / self.argmax.len().max(1) as f64)
     }
 }
 
@@ -640,7 +745,7 @@ impl Llama {
         let targets = &tokens[first..];
         let w = self.output_matrix();
         const CHUNK: usize = 64;
-        let parts: Vec<(Vec<f64>, Vec<bool>)> = rows
+        let parts: Vec<(Vec<f64>, Vec<bool>, Vec<u32>)> = rows
             .axis_chunks_iter(Axis(0), CHUNK)
             .into_par_iter()
             .zip(targets.par_chunks(CHUNK))
@@ -648,6 +753,7 @@ impl Llama {
                 let logits = hc.dot(&w.t());
                 let mut nll = Vec::with_capacity(tc.len());
                 let mut hit = Vec::with_capacity(tc.len());
+                let mut arg = Vec::with_capacity(tc.len());
                 for (row, &t) in logits.axis_iter(Axis(0)).zip(tc) {
                     let (mut best, mut best_i) = (f32::NEG_INFINITY, 0usize);
                     for (i, &v) in row.iter().enumerate() {
@@ -660,18 +766,21 @@ impl Llama {
                     let lse = best as f64 + z.ln();
                     nll.push(lse - row[t as usize] as f64);
                     hit.push(best_i == t as usize);
+                    arg.push(best_i as u32);
                 }
-                (nll, hit)
+                (nll, hit, arg)
             })
             .collect();
         let mut score = Score {
             first_target: first,
             nll: Vec::with_capacity(targets.len()),
             correct: Vec::with_capacity(targets.len()),
+            argmax: Vec::with_capacity(targets.len()),
         };
-        for (n, c) in parts {
+        for (n, c, a) in parts {
             score.nll.extend(n);
             score.correct.extend(c);
+            score.argmax.extend(a);
         }
         Ok(score)
     }
@@ -694,17 +803,29 @@ impl Llama {
     /// position `cache.len()` and returns the logits predicting the next token.
     pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Array1<f32>> {
         let c = &self.config;
-        let pos = cache.len;
-        if pos >= cache.capacity() || cache.k.len() != c.n_layers {
+        if cache.len >= cache.capacity() || cache.k.len() != c.n_layers {
             return Err(TcaError::Invalid(format!(
                 "KV cache full ({} of {} positions)",
-                pos,
+                cache.len,
                 cache.capacity()
             )));
         }
+        self.decode_step_with(token, cache)
+    }
+
+    /// One decoding step with any [`DecodeAttention`]: runs `token` at position
+    /// `attn.position()` through every layer (the attention appends its key and value
+    /// and attends over what it holds), then calls `attn.advance()`; returns the logits
+    /// predicting the next token.
+    pub fn decode_step_with(
+        &self,
+        token: u32,
+        attn: &mut dyn DecodeAttention,
+    ) -> Result<Array1<f32>> {
+        let c = &self.config;
+        let pos = attn.position();
         self.check_tokens(&[token], pos)?;
-        let (d, hq, hkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
-        let g = hq / hkv;
+        let d = c.head_dim;
         let (cos, sin) = rope_tables(pos, 1, d, c.rope_base);
         let mut x = self.embed(&[token]);
         for (li, layer) in self.layers.iter().enumerate() {
@@ -714,31 +835,15 @@ impl Llama {
             let v = linear(xn.view(), &layer.wv);
             apply_rope(&mut q, d, &cos, &sin);
             apply_rope(&mut k, d, &cos, &sin);
-            for h in 0..hkv {
-                cache.k[li]
-                    .slice_mut(s![h, pos, ..])
-                    .assign(&k.slice(s![0, h * d..(h + 1) * d]));
-                cache.v[li]
-                    .slice_mut(s![h, pos, ..])
-                    .assign(&v.slice(s![0, h * d..(h + 1) * d]));
+            let o = attn.attend(li, q.row(0), k.row(0), v.row(0))?;
+            if o.len() != c.n_heads * d {
+                return Err(TcaError::Shape(format!(
+                    "decode attention returned {} values for {} query heads of dim {d}",
+                    o.len(),
+                    c.n_heads
+                )));
             }
-            let (kc, vc) = (&cache.k[li], &cache.v[li]);
-            let heads: Vec<Array1<f32>> = (0..hq)
-                .into_par_iter()
-                .map(|h| {
-                    let kv = h / g;
-                    let qh = q.slice(s![0..1, h * d..(h + 1) * d]);
-                    let keys = kc.slice(s![kv, 0..=pos, ..]);
-                    let mut sc = qh.dot(&keys.t());
-                    sc *= 1.0 / (d as f32).sqrt();
-                    softmax_rows_prefix(&mut sc, |_| pos + 1);
-                    sc.dot(&vc.slice(s![kv, 0..=pos, ..])).row(0).to_owned()
-                })
-                .collect();
-            let mut o = Array2::<f32>::zeros((1, hq * d));
-            for (h, oh) in heads.iter().enumerate() {
-                o.slice_mut(s![0, h * d..(h + 1) * d]).assign(oh);
-            }
+            let o = o.insert_axis(Axis(0));
             x += &linear(o.view(), &layer.wo);
             let xn = rms_norm(x.view(), &layer.ffn_norm, c.rms_eps);
             let mut gate = linear(xn.view(), &layer.w_gate);
@@ -746,7 +851,7 @@ impl Llama {
             silu_mul(&mut gate, &up);
             x += &linear(gate.view(), &layer.w_down);
         }
-        cache.len = pos + 1;
+        attn.advance();
         let h = rms_norm(x.view(), &self.out_norm, c.rms_eps);
         Ok(self.logits(h.view()).row(0).to_owned())
     }

@@ -13,9 +13,12 @@ pub mod attention;
 pub mod gguf;
 pub mod llama;
 pub mod quant;
+pub mod sparse;
 pub mod tokenizer;
 
 pub use attention::{AttentionPolicy, Exact};
 pub use gguf::GgufFile;
-pub use llama::{Capture, KvCache, Llama, LlamaConfig, Model, Qkv, QkvHook, Score};
+pub use llama::{
+    Capture, DecodeAttention, KvCache, Llama, LlamaConfig, Model, Qkv, QkvHook, Score,
+};
 pub use tokenizer::Tokenizer;
