@@ -10,6 +10,7 @@ pub mod fig1;
 pub mod fig3;
 pub mod fig4;
 pub mod fig5;
+pub mod fig5_model;
 pub mod peers;
 pub mod plot;
 pub mod sweep;
@@ -301,9 +302,10 @@ pub fn progress(n: usize, what: &str) -> ProgressBar {
 pub type Experiment = fn(&Context) -> Result<Vec<PathBuf>>;
 
 /// Every experiment by binary name, in the order `tca reproduce` runs them.
-pub const EXPERIMENTS: [(&str, Experiment); 6] = [
+pub const EXPERIMENTS: [(&str, Experiment); 7] = [
     ("fig1_attention", fig1::run),
     ("fig3_overhead", fig3::run),
+    ("fig5_model", fig5_model::run),
     ("bound_figures", bounds::run),
     ("peer_policies", peers::run),
     ("fig5_tau", fig5::run),
