@@ -25,7 +25,7 @@ pub enum Command {
     Synth(commands::SynthArgs),
     /// Prefill with TCA, then decode the input's last tokens with the compacted cache.
     Decode(commands::DecodeArgs),
-    /// The main job: calibrate and audit every synthetic head type (embedded defaults).
+    /// The main job: verdict tables on the synthetic heads and every figure (figures/).
     Reproduce(commands::ReproduceArgs),
     /// Capture per-layer post-RoPE Q, K, V of SmolLM2-135M on a text.
     Capture(model::CaptureArgs),
