@@ -122,7 +122,19 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             })
             .collect())
     };
-    let niah = read(&dir.join("niah.csv"))?;
+    // Every measured NIAH table (niah.csv: 1K and 2K; niah_4096.csv: 4K), stacked.
+    let mut niah = read(&dir.join("niah.csv"))?;
+    let extra = dir.join("niah_4096.csv");
+    if extra.exists() {
+        let more = read(&extra)?;
+        niah = niah
+            .vstack(
+                &more
+                    .select(niah.get_column_names_owned())
+                    .map_err(pe(&extra))?,
+            )
+            .map_err(pe(&extra))?;
+    }
     let agg =
         super::table::mean_by(niah, &["length", "attention"], &["correct"]).map_err(pe(&stem))?;
     let (nl, na, nc) = (
