@@ -79,6 +79,20 @@ impl<T> Ctx<T> for std::result::Result<T, DriverError> {
     }
 }
 
+/// Headers the kernels include, by the name in their `#include "..."` line.
+const HEADERS: &[(&str, &str)] = &[(
+    "mma_common.cuh",
+    include_str!("../../kernels/mma_common.cuh"),
+)];
+
+/// The kernel text with each `#include "NAME"` of [`HEADERS`] replaced by the header
+/// (NVRTC searches no include path of its own).
+pub fn expand_includes(src: &str) -> String {
+    HEADERS.iter().fold(src.to_string(), |s, (name, text)| {
+        s.replace(&format!("#include \"{name}\""), text)
+    })
+}
+
 /// Compiles every kernel source to PTX for `arch` (e.g. "compute_90"). `include` is a
 /// list of include directories (none is needed by the current kernels).
 pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'static str, Ptx)>> {
@@ -92,7 +106,7 @@ pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'s
                     options: vec!["--std=c++17".into(), "-lineinfo".into()],
                     ..Default::default()
                 };
-                cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+                cudarc::nvrtc::compile_ptx_with_opts(expand_includes(src), opts)
                     .map(|p| (*name, p))
                     .map_err(|e| GpuError::Compile {
                         name: name.to_string(),
