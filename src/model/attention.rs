@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::data::Heads;
 use crate::error::{Result, TcaError};
+use crate::selection::KeySets;
 
 /// Attention used during prefill. Implementations must be `Sync`: the model may call
 /// them from a rayon pool, and they may parallelise internally.
@@ -135,6 +136,11 @@ pub(crate) fn softmax_rows_prefix(s: &mut Array2<f32>, valid: impl Fn(usize) -> 
         };
         let (live, dead) = slice.split_at_mut(n);
         let m = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            // Nothing to attend to (every score masked): the row is zero.
+            slice.fill(0.0);
+            continue;
+        }
         for x in live.iter_mut() {
             *x = exp_nonpos(*x - m);
         }
@@ -179,37 +185,99 @@ impl AttentionPolicy for Exact {
         k: ArrayView3<f32>,
         v: ArrayView3<f32>,
     ) -> Result<Array3<f32>> {
-        let (hq, hkv, l, d) = check_shapes(&q, &k, &v)?;
+        let (hq, hkv, _, _) = check_shapes(&q, &k, &v)?;
         let g = hq / hkv;
-        let bq = self.block.max(1);
-        let nblocks = l.div_ceil(bq);
-        // Large blocks (late queries see more keys) first, for load balance.
-        let mut items: Vec<(usize, usize)> = (0..hq)
-            .flat_map(|h| (0..nblocks).map(move |b| (h, b)))
-            .collect();
-        items.sort_by_key(|&(h, b)| (std::cmp::Reverse(b), h));
-        let blocks: Vec<(usize, usize, Array2<f32>)> = items
-            .into_par_iter()
-            .map(|(h, b)| {
-                let i0 = b * bq;
-                let i1 = (i0 + bq).min(l);
-                let kv = h / g;
-                let o = attend_block(
-                    q.slice(s![h, i0..i1, ..]),
-                    k.slice(s![kv, 0..i1, ..]),
-                    v.slice(s![kv, 0..i1, ..]),
-                    i0,
-                );
-                (h, i0, o)
-            })
-            .collect();
-        let mut out = Array3::<f32>::zeros((hq, l, d));
-        for (h, i0, o) in blocks {
-            let n = o.nrows();
-            out.slice_mut(s![h, i0..i0 + n, ..]).assign(&o);
-        }
-        Ok(out)
+        Ok(by_query_blocks(&q, self.block, |h, i0, i1| {
+            let kv = h / g;
+            attend_block(
+                q.slice(s![h, i0..i1, ..]),
+                k.slice(s![kv, 0..i1, ..]),
+                v.slice(s![kv, 0..i1, ..]),
+                i0,
+            )
+        }))
     }
+}
+
+/// Runs `f(h, i0, i1)` (the `[i1 - i0, d]` output of query head `h`, rows `i0..i1`) for
+/// every block of `block` queries of every head, in parallel, latest blocks (the most
+/// keys) first for load balance, and assembles the `[Hq, L, d]` output.
+fn by_query_blocks<F>(q: &ArrayView3<f32>, block: usize, f: F) -> Array3<f32>
+where
+    F: Fn(usize, usize, usize) -> Array2<f32> + Sync,
+{
+    let (hq, l, d) = q.dim();
+    let bq = block.max(1);
+    let nblocks = l.div_ceil(bq);
+    let mut items: Vec<(usize, usize)> = (0..hq)
+        .flat_map(|h| (0..nblocks).map(move |b| (h, b)))
+        .collect();
+    items.sort_by_key(|&(h, b)| (std::cmp::Reverse(b), h));
+    let blocks: Vec<(usize, usize, Array2<f32>)> = items
+        .into_par_iter()
+        .map(|(h, b)| {
+            let i0 = b * bq;
+            (h, i0, f(h, i0, (i0 + bq).min(l)))
+        })
+        .collect();
+    let mut out = Array3::<f32>::zeros((hq, l, d));
+    for (h, i0, o) in blocks {
+        let n = o.nrows();
+        out.slice_mut(s![h, i0..i0 + n, ..]).assign(&o);
+    }
+    out
+}
+
+/// Sparse attention over given key sets in f32, the fast path of
+/// [`crate::selection::sparse_attention`] (the f64 oracle it is tested against):
+/// `O_i = sum_{j in S_i} softmax_{S_i}(q_i . k_j / sqrt(d)) v_j` for `q` `[Hq, L, d]`,
+/// `k`, `v` `[Hkv, L, d]`; `[Hq, L, d]` out. Blocked like [`Exact`]: a block of
+/// `block` queries scores the union of its rows' key sets with one matrix product,
+/// keys outside a row's S_i are masked out, and a row with an empty S_i is zero.
+pub fn attend_key_sets(
+    q: ArrayView3<f32>,
+    k: ArrayView3<f32>,
+    v: ArrayView3<f32>,
+    sets: &dyn KeySets,
+    block: usize,
+) -> Result<Array3<f32>> {
+    let (hq, hkv, l, d) = check_shapes(&q, &k, &v)?;
+    if sets.shape() != (hq, l) {
+        return Err(TcaError::Shape(format!(
+            "key sets for {:?} (query heads, L) applied to {hq} query heads and L = {l}",
+            sets.shape()
+        )));
+    }
+    let g = hq / hkv;
+    let scale = 1.0 / (d as f32).sqrt();
+    Ok(by_query_blocks(&q, block, |h, i0, i1| {
+        let kv = h / g;
+        let rows: Vec<Vec<usize>> = (i0..i1).map(|i| sets.keys(h, i)).collect();
+        // Union of the block's key sets, ascending (every key is <= i1 - 1).
+        let mut member = vec![false; i1];
+        for &j in rows.iter().flatten() {
+            member[j] = true;
+        }
+        let union: Vec<usize> = (0..i1).filter(|&j| member[j]).collect();
+        let kk = k.slice(s![kv, .., ..]).select(Axis(0), &union);
+        let vv = v.slice(s![kv, .., ..]).select(Axis(0), &union);
+        let mut sc = Array2::<f32>::zeros((i1 - i0, union.len()));
+        ndarray::linalg::general_mat_mul(scale, &q.slice(s![h, i0..i1, ..]), &kk.t(), 0.0, &mut sc);
+        for (mut row, keys) in sc.axis_iter_mut(Axis(0)).zip(&rows) {
+            // Both lists ascend: walk them together and mask what S_i lacks.
+            let mut next = keys.iter().peekable();
+            for (x, &j) in row.iter_mut().zip(&union) {
+                if next.peek() == Some(&&j) {
+                    next.next();
+                } else {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let n = union.len();
+        softmax_rows_prefix(&mut sc, |_| n);
+        sc.dot(&vv)
+    }))
 }
 
 #[cfg(test)]
@@ -272,6 +340,77 @@ mod tests {
                 .fold(0.0, f64::max);
             assert!(err < 1e-5, "block {block}: max error {err}");
         }
+    }
+
+    /// Explicit key sets: sets[h][i] ascending within [0, i].
+    struct Listed(Vec<Vec<Vec<usize>>>);
+    impl KeySets for Listed {
+        fn shape(&self) -> (usize, usize) {
+            (self.0.len(), self.0[0].len())
+        }
+        fn keys(&self, h: usize, i: usize) -> Vec<usize> {
+            self.0[h][i].clone()
+        }
+    }
+
+    #[test]
+    fn key_sets_match_the_f64_oracle() {
+        let (hq, hkv, l, d) = (6, 2, 45, 8);
+        let q = pseudo((hq, l, d), 11, 6.0);
+        let k = pseudo((hkv, l, d), 12, 6.0);
+        let v = pseudo((hkv, l, d), 13, 2.0);
+        let mut st = 7u64;
+        let sets = Listed(
+            (0..hq)
+                .map(|_| {
+                    (0..l)
+                        .map(|i| {
+                            // i itself plus a pseudo-random part of 0..i.
+                            (0..=i)
+                                .filter(|&j| {
+                                    st = st.wrapping_mul(6364136223846793005).wrapping_add(1);
+                                    j == i || (st >> 61) < 3
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+        let heads = to_heads(q.view(), k.view(), v.view()).unwrap();
+        let want = crate::selection::sparse_attention(&heads, &sets).unwrap().o;
+        for block in [1, 7, 64] {
+            let got = attend_key_sets(q.view(), k.view(), v.view(), &sets, block).unwrap();
+            let err = got
+                .iter()
+                .zip(want.iter())
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-5, "block {block}: max error {err}");
+        }
+        // Full causal sets give exact attention; an empty set gives a zero row.
+        let mut full = Listed(vec![(0..l).map(|i| (0..=i).collect()).collect(); hq]);
+        let exact = Exact::default()
+            .prefill(0, q.view(), k.view(), v.view())
+            .unwrap();
+        let got = attend_key_sets(q.view(), k.view(), v.view(), &full, 16).unwrap();
+        let err = got
+            .iter()
+            .zip(exact.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-5, "full sets: max error {err}");
+        full.0[2][5].clear();
+        let got = attend_key_sets(q.view(), k.view(), v.view(), &full, 16).unwrap();
+        assert!(got.slice(s![2, 5, ..]).iter().all(|&x| x == 0.0));
+        assert!(attend_key_sets(
+            q.view(),
+            k.view(),
+            v.view(),
+            &Listed(vec![vec![vec![0]]]),
+            4
+        )
+        .is_err());
     }
 
     #[test]

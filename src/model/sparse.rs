@@ -4,8 +4,9 @@
 //! [`Heads`] of the reference code, [`crate::selection::select`] runs SPEC section 1
 //! with the layer's calibrated budgets (a multi-layer [`Profile`]), the peer policies of
 //! SPEC section 5 are built from that selection exactly as
-//! [`crate::selection::policies::key_sets`] builds them, and
-//! [`crate::selection::sparse_attention`] computes the output, which goes back to f32.
+//! [`crate::selection::policies::key_sets`] builds them, and the f32
+//! [`attend_key_sets`] (tested against the f64 [`crate::selection::sparse_attention`])
+//! computes the output on the layer's own f32 Q/K/V.
 //!
 //! - [`SparsePolicy`]: an [`AttentionPolicy`] for prefill (TCA or a peer at TCA's
 //!   budget), recording per layer the keep fraction it used;
@@ -20,7 +21,7 @@ use std::sync::Mutex;
 use ndarray::{s, Array1, ArrayView1, ArrayView3};
 use rayon::prelude::*;
 
-use super::attention::{to_f32, to_heads, AttentionPolicy};
+use super::attention::{attend_key_sets, to_heads, AttentionPolicy, Exact};
 use super::llama::{argmax, DecodeAttention, Llama, QkvHook};
 use crate::calibration::{calibrate_layer, LayerProfile, ModelShape, Profile};
 use crate::config::Config;
@@ -31,7 +32,7 @@ use crate::selection::importance::pool;
 use crate::selection::policies::{
     block_topk, cumulative_threshold, OracleTopK, Policy, StreamingLlm,
 };
-use crate::selection::{select, sparse_attention, KeySets, Selection};
+use crate::selection::{select, KeySets, Selection};
 
 /// Sink tokens of the StreamingLLM peer (its paper's default).
 pub const DEFAULT_SINKS: usize = 4;
@@ -93,11 +94,13 @@ impl SparsePolicy {
         u.iter().map(|x| x.keep_fraction).sum::<f64>() / u.len().max(1) as f64
     }
 
+    /// The layer's output from its f32 `qkv` (the same values as `heads`).
     fn layer_output(
         &self,
         layer: usize,
         heads: &Heads,
-    ) -> Result<(ndarray::Array3<f64>, LayerUse, Selection)> {
+        qkv: (ArrayView3<f32>, ArrayView3<f32>, ArrayView3<f32>),
+    ) -> Result<(ndarray::Array3<f32>, LayerUse, Selection)> {
         self.profile.check_fits(heads, &self.config, layer)?;
         let budgets = self.profile.budgets(layer)?;
         let tca = select(heads, &self.config, &budgets)?;
@@ -117,7 +120,8 @@ impl SparsePolicy {
             }),
             _ => Box::new(tca.clone()),
         };
-        let att = sparse_attention(heads, keys.as_ref())?;
+        let (q, k, v) = qkv;
+        let o = attend_key_sets(q, k, v, keys.as_ref(), Exact::default().block)?;
         drop(keys);
         let counted = own.as_ref().unwrap_or(&tca);
         let l = heads.len();
@@ -133,7 +137,7 @@ impl SparsePolicy {
             keep_fraction: frac / (heads.num_q_heads() * l) as f64,
             global_tokens: counted.heads.iter().map(|h| h.global.len()).collect(),
         };
-        Ok((att.o, usage, tca))
+        Ok((o, usage, tca))
     }
 }
 
@@ -146,7 +150,7 @@ impl AttentionPolicy for SparsePolicy {
         v: ArrayView3<f32>,
     ) -> Result<ndarray::Array3<f32>> {
         let heads = to_heads(q, k, v)?;
-        let (o, usage, tca) = self.layer_output(layer, &heads)?;
+        let (o, usage, tca) = self.layer_output(layer, &heads, (q, k, v))?;
         if self.keep_cache {
             let budgets = self.profile.budgets(layer)?;
             let l = heads.len();
@@ -172,7 +176,7 @@ impl AttentionPolicy for SparsePolicy {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(usage);
-        Ok(to_f32(o.view()))
+        Ok(o)
     }
 }
 
