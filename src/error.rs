@@ -31,6 +31,9 @@ pub enum TcaError {
     /// A file that would be overwritten without `--force`.
     #[error("{0} exists; pass --force to overwrite it")]
     WouldOverwrite(PathBuf),
+    /// A compute backend that is not built in or has no device.
+    #[error("backend: {0}")]
+    Backend(String),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -5,6 +5,7 @@
 //! budgets), [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each
 //! reading), [`data`] (inputs), [`config`] (the TOML configuration).
 
+pub mod backend;
 pub mod bound;
 pub mod calibration;
 pub mod cli;

@@ -220,6 +220,28 @@ fn bad_input_is_an_error_not_a_panic() {
         &["bound", "--input", &x, "--layer", "3", "--out", &f.s("o")],
         "no tensor 'layer3.q'",
     );
+    // The CUDA backend: a clear error without the feature or a device, else it runs.
+    let o = tca(&[
+        "bound",
+        "--input",
+        &x,
+        "--config",
+        &cfg,
+        "--backend",
+        "cuda",
+        "--out",
+        &f.s("g"),
+    ]);
+    let (out, err) = text(&o);
+    if o.status.success() {
+        assert!(out.contains("backend: cuda"), "{out}");
+    } else {
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("backend:") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
     // A profile from another model shape.
     ok(&[
         "synth",

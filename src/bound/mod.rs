@@ -10,11 +10,12 @@ pub mod readings;
 pub use readings::{summarize, Reading, ReadingSummary, Summary, TOL};
 
 use crate::data::Heads;
-use crate::error::Result;
+use crate::error::{Result, TcaError};
 use crate::reference::softmax::{scores, softmax_in_place, weighted_sum};
+use crate::reference::Attention;
 use crate::selection::sparse::check_shape;
 use crate::selection::{sparse_row, KeySets};
-use ndarray::{Array1, ArrayView2};
+use ndarray::{s, Array1, ArrayView2};
 use rayon::prelude::*;
 
 /// Everything measured at one (query head, query).
@@ -39,6 +40,14 @@ pub struct QueryAudit {
     pub identity_residual: f64,
     /// ||O_i||_2 of the exact output (for relative errors).
     pub out_l2: f64,
+    /// Head dimension d (the allowance of an l1 or l2 norm is d or sqrt(d) times the
+    /// per-entry one).
+    pub dim: usize,
+    /// Absolute allowance per entry of e_i for rounding in how O_i and O~_i were
+    /// computed: TOL max|V| for the f64 oracle, more for bf16 device outputs.
+    pub entry_allowance: f64,
+    /// Absolute allowance on gamma_i (TOL for the oracle).
+    pub gamma_allowance: f64,
 }
 
 impl QueryAudit {
@@ -167,5 +176,83 @@ fn audit_query(
         vdiam_l2: st.diam_l2[i],
         identity_residual,
         out_l2: o.dot(&o).sqrt(),
+        dim: d,
+        entry_allowance: TOL * st.max_abs[i],
+        gamma_allowance: TOL,
     }
+}
+
+/// Rounding allowances of an audit made from outputs computed elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Allowance {
+    /// Per-entry allowance on e_i, relative to max|V| over j <= i.
+    pub entry_rel_vmax: f64,
+    /// Absolute allowance on gamma_i.
+    pub gamma: f64,
+}
+
+impl Allowance {
+    /// The bf16 device path (inputs rounded to bf16 before both passes, f32
+    /// accumulation): each of O_i and O~_i takes at most 2^-9 max|V| per entry from the
+    /// bf16 probabilities of its P V product and 2^-9 max|V| from rounding the output to
+    /// bf16, so e_i is off by at most 2^-7 max|V| per entry. gamma from the two f32
+    /// log-sum-exps is off by far less than 1e-4.
+    pub const BF16: Allowance = Allowance {
+        entry_rel_vmax: 1.0 / 128.0,
+        gamma: 1e-4,
+    };
+}
+
+/// Audits a layer from its exact and sparse outputs computed elsewhere (the GPU), for
+/// the inputs `heads` they were computed from: O and lse [Hq, L] of full causal
+/// attention, O~ and lse~ over each S_i, and |S_i| from `kept(h, i)`. Then
+/// gamma_i = 1 - exp(lse~_i - lse_i) (clamped at 0) and e_i = O_i - O~_i. The identity
+/// needs mu_in and mu_out, which outputs do not carry: its residual is NaN (not
+/// measured).
+pub fn audit_outputs(
+    heads: &Heads,
+    full: &Attention,
+    sparse: &Attention,
+    kept: &(dyn Fn(usize, usize) -> usize + Sync),
+    allow: Allowance,
+) -> Result<Vec<QueryAudit>> {
+    let (hq, l, d) = (heads.num_q_heads(), heads.len(), heads.dim());
+    for (name, a) in [("exact", full), ("sparse", sparse)] {
+        if a.o.dim() != (hq, l, d) || a.lse.dim() != (hq, l) {
+            return Err(TcaError::Shape(format!(
+                "{name} outputs O {:?}, lse {:?} for inputs of {hq} query heads, L = {l}, d = {d}",
+                a.o.dim(),
+                a.lse.dim()
+            )));
+        }
+    }
+    let stats: Vec<PrefixStats> = (0..heads.num_kv_heads())
+        .map(|kv| PrefixStats::new(heads.v(kv)))
+        .collect();
+    Ok((0..hq * l)
+        .into_par_iter()
+        .map(|n| {
+            let (h, i) = (n / l, n % l);
+            let st = &stats[heads.kv_of(h)];
+            let o = full.o.slice(s![h, i, ..]);
+            let e = &o - &sparse.o.slice(s![h, i, ..]);
+            QueryAudit {
+                head: h,
+                query: i,
+                gamma: (1.0 - (sparse.lse[[h, i]] - full.lse[[h, i]]).exp()).max(0.0),
+                kept: kept(h, i),
+                err_l1: e.fold(0.0f64, |m, x| m + x.abs()),
+                err_linf: e.fold(0.0f64, |m, x| m.max(x.abs())),
+                err_l2: e.dot(&e).sqrt(),
+                vmax_abs: st.max_abs[i],
+                vrow_l1_max: st.max_row_l1[i],
+                vdiam_l2: st.diam_l2[i],
+                identity_residual: f64::NAN,
+                out_l2: o.dot(&o).sqrt(),
+                dim: d,
+                entry_allowance: allow.entry_rel_vmax * st.max_abs[i],
+                gamma_allowance: allow.gamma,
+            }
+        })
+        .collect())
 }

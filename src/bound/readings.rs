@@ -62,22 +62,47 @@ impl Reading {
     }
 
     /// (lhs, rhs, allowance) at one query: the reading holds when lhs <= rhs + allowance.
+    /// The allowance is the audit's per-entry one (times d for an l1 norm, sqrt(d) for
+    /// l2) plus, on the right-hand side, what its gamma allowance moves the bound by.
+    /// A NaN lhs means the reading could not be measured there.
     pub fn sides(self, a: &QueryAudit, tau: f64) -> (f64, f64, f64) {
-        let tol = TOL * a.vmax_abs;
+        let e = a.entry_allowance;
+        let (d, g) = (a.dim.max(1) as f64, a.gamma_allowance);
         match self {
-            Reading::Identity => (a.identity_residual, 0.0, tol),
-            Reading::LinfEntrymax => (a.err_linf, 2.0 * a.gamma * a.vmax_abs, tol),
-            Reading::L1Entrymax => (a.err_l1, 2.0 * a.gamma * a.vmax_abs, tol),
-            Reading::L1Induced => (a.err_l1, 2.0 * a.gamma * a.vrow_l1_max, tol),
-            Reading::L2Diameter => (a.err_l2, a.gamma * a.vdiam_l2, tol),
-            Reading::GammaTau => (a.gamma, 1.0 - tau, TOL),
+            Reading::Identity => (a.identity_residual, 0.0, e),
+            Reading::LinfEntrymax => (
+                a.err_linf,
+                2.0 * a.gamma * a.vmax_abs,
+                e + 2.0 * g * a.vmax_abs,
+            ),
+            Reading::L1Entrymax => (
+                a.err_l1,
+                2.0 * a.gamma * a.vmax_abs,
+                d * e + 2.0 * g * a.vmax_abs,
+            ),
+            Reading::L1Induced => (
+                a.err_l1,
+                2.0 * a.gamma * a.vrow_l1_max,
+                d * e + 2.0 * g * a.vrow_l1_max,
+            ),
+            Reading::L2Diameter => (
+                a.err_l2,
+                a.gamma * a.vdiam_l2,
+                d.sqrt() * e + g * a.vdiam_l2,
+            ),
+            Reading::GammaTau => (a.gamma, 1.0 - tau, g),
         }
     }
 
-    /// Whether the reading holds at one query.
+    /// Whether the reading holds at one query (false where it was not measured).
     pub fn holds_at(self, a: &QueryAudit, tau: f64) -> bool {
         let (lhs, rhs, tol) = self.sides(a, tau);
         lhs <= rhs + tol
+    }
+
+    /// Whether the audit carries this reading's left-hand side.
+    pub fn measured_at(self, a: &QueryAudit, tau: f64) -> bool {
+        !self.sides(a, tau).0.is_nan()
     }
 }
 
@@ -85,8 +110,11 @@ impl Reading {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReadingSummary {
     pub statement: &'static str,
+    /// No violation among at least one measured query.
     pub holds: bool,
-    /// Queries where it fails.
+    /// Queries where it could be measured (the identity is not, from outputs alone).
+    pub measured: usize,
+    /// Measured queries where it fails.
     pub violations: usize,
     /// max lhs / rhs over queries with rhs above the allowance (for the identity:
     /// max residual / max|V|); 0 when no query qualifies.
@@ -100,6 +128,8 @@ pub struct ReadingSummary {
 pub struct Summary {
     pub queries: usize,
     pub tau: f64,
+    /// Per-entry allowance on e_i relative to max|V| (TOL for the f64 oracle; the
+    /// largest over the audits).
     pub tolerance: f64,
     pub mean_gamma: f64,
     pub max_gamma: f64,
@@ -112,7 +142,7 @@ pub struct Summary {
 /// Worst ratio of one reading and where it occurs.
 fn worst(r: Reading, audits: &[QueryAudit], tau: f64) -> (f64, Option<&QueryAudit>) {
     let mut best: (f64, Option<&QueryAudit>) = (0.0, None);
-    for a in audits {
+    for a in audits.iter().filter(|a| r.measured_at(a, tau)) {
         let (lhs, rhs, tol) = r.sides(a, tau);
         let ratio = match r {
             Reading::Identity if a.vmax_abs > 0.0 => lhs / a.vmax_abs,
@@ -133,13 +163,18 @@ pub fn summarize(audits: &[QueryAudit], tau: f64) -> Summary {
     let readings = Reading::ALL
         .iter()
         .map(|&r| {
-            let violations = audits.iter().filter(|a| !r.holds_at(a, tau)).count();
+            let measured = audits.iter().filter(|a| r.measured_at(a, tau)).count();
+            let violations = audits
+                .iter()
+                .filter(|a| r.measured_at(a, tau) && !r.holds_at(a, tau))
+                .count();
             let (ratio, at) = worst(r, audits, tau);
             (
                 r.key(),
                 ReadingSummary {
                     statement: r.statement(),
-                    holds: violations == 0,
+                    holds: measured > 0 && violations == 0,
+                    measured,
                     violations,
                     worst_ratio: ratio,
                     worst_head: at.map(|a| a.head),
@@ -151,7 +186,11 @@ pub fn summarize(audits: &[QueryAudit], tau: f64) -> Summary {
     Summary {
         queries: audits.len(),
         tau,
-        tolerance: TOL,
+        tolerance: audits
+            .iter()
+            .filter(|a| a.vmax_abs > 0.0)
+            .map(|a| a.entry_allowance / a.vmax_abs)
+            .fold(TOL, f64::max),
         mean_gamma: audits.iter().map(|a| a.gamma).sum::<f64>() / n,
         max_gamma: audits.iter().map(|a| a.gamma).fold(0.0, f64::max),
         frac_gamma_above_1_minus_tau: audits.iter().filter(|a| a.gamma > 1.0 - tau).count() as f64

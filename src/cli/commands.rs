@@ -1,6 +1,7 @@
 //! Arguments and bodies of the `tca` subcommands.
 
 use super::report::{verdict_table, write_audit};
+use crate::backend::{Backend, BackendKind};
 use crate::bound::{audit, summarize, Summary};
 use crate::calibration::{calibrate as calibrate_layer_profile, Profile};
 use crate::config::{Config, Criterion};
@@ -68,6 +69,10 @@ pub struct BoundArgs {
     /// Replace existing output files.
     #[arg(long)]
     pub force: bool,
+    /// Where selection and attention run: the f64 oracle, or the CUDA kernels (bf16
+    /// outputs audited with a stated rounding allowance; the identity is not measured).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
 }
 
 #[derive(Args, Debug)]
@@ -189,8 +194,11 @@ pub fn bound(a: BoundArgs) -> Result<()> {
             return Err(TcaError::WouldOverwrite(p));
         }
     }
+    let backend = Backend::open(a.backend)?;
     let (_, budgets) = budgets_for(a.profile.as_deref(), &heads, &heads, &cfg, layer)?;
-    let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
+    let (_, audits) = backend.audit_layer(&heads, &cfg, &budgets)?;
+    let summary = summarize(&audits, cfg.tau);
+    println!("backend: {}", backend.name());
     write_audit(&a.out, &audits, &summary, a.force)?;
     print!("{}", verdict_table(&summary));
     println!("wrote {}/queries.csv and summary.json", a.out.display());

@@ -115,6 +115,14 @@ impl CalibrationArgs {
                     cfg.block_size
                 )));
             }
+            if let Some(t) = taus.iter().find(|&&t| t != prof.config.tau) {
+                return Err(TcaError::ProfileMismatch(format!(
+                    "{} was calibrated for tau = {}, but tau = {t} was asked for; \
+                     leave out --profile to calibrate each tau",
+                    p.display(),
+                    prof.config.tau
+                )));
+            }
             return Ok(vec![prof; taus.len()]);
         }
         let tokens = calibration_tokens(

@@ -287,6 +287,9 @@ pub struct QualityNiahArgs {
     pub long_from: usize,
     #[arg(long, default_value = "exact,tca")]
     pub long_attention: String,
+    /// Calibration targets tau for TCA and the peers (default: the configuration's tau).
+    #[arg(long, default_value = "")]
+    pub taus: String,
     /// Seed of the needles' random numbers.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -380,6 +383,14 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
         ));
     }
     let cfg = a.calibration.config()?;
+    let taus: Vec<f64> = if a.taus.trim().is_empty() {
+        vec![cfg.tau]
+    } else {
+        parse_list("--taus", &a.taus)?
+    };
+    for &tau in &taus {
+        Config { tau, ..cfg.clone() }.validate()?;
+    }
     let model = Model::load(assets::model_path(a.model.as_deref())?)?;
     if let Some(&n) = lengths
         .iter()
@@ -392,14 +403,14 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
     let hay = model
         .tokenizer
         .encode(&assets::haystack(a.essays.as_deref())?);
-    let profile = if kinds
+    let profiles = if kinds
         .iter()
         .chain(&long_kinds)
         .any(|k| k.policy().is_some())
     {
-        a.calibration.profiles(&model, &cfg, &[cfg.tau])?.pop()
+        a.calibration.profiles(&model, &cfg, &taus)?
     } else {
-        None
+        Vec::new()
     };
     let eos = Some(model.tokenizer.eos_id);
     let mut table = Table::default();
@@ -412,15 +423,27 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
             // TCA runs twice: with its compacted decoding cache (SPEC section 3), and
             // with its prefill followed by exact decoding over the full cache (as the
             // peers decode), to separate the two phases.
-            let mut runs: Vec<(AttentionKind, bool)> = Vec::new();
+            // Each sparse attention runs once per tau, with that tau's profile.
+            let mut runs: Vec<(AttentionKind, bool, usize)> = Vec::new();
             for &k in ks {
-                runs.push((k, false));
-                if k == AttentionKind::Tca {
-                    runs.push((k, true));
+                if k.policy().is_none() {
+                    runs.push((k, false, 0));
+                    continue;
+                }
+                for ti in 0..taus.len() {
+                    runs.push((k, false, ti));
+                    if k == AttentionKind::Tca {
+                        runs.push((k, true, ti));
+                    }
                 }
             }
-            for (kind, full_decode) in runs {
+            for (kind, full_decode, ti) in runs {
                 let t = Instant::now();
+                let cfg = Config {
+                    tau: taus[ti],
+                    ..cfg.clone()
+                };
+                let profile = profiles.get(ti).cloned();
                 let (out, keep) = match kind.policy() {
                     Some(Policy::Tca) if !full_decode => {
                         let prof = profile.clone().ok_or_else(|| {
@@ -456,6 +479,11 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                     (AttentionKind::Tca, true) => "tca_prefill_full_decode",
                     _ => kind.name(),
                 };
+                let tau = if kind.policy().is_some() {
+                    cfg.tau
+                } else {
+                    f64::NAN
+                };
                 let secs = t.elapsed().as_secs_f64();
                 let answer = model.tokenizer.decode(&out);
                 let digits: String = answer
@@ -469,7 +497,8 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                 }
                 let agrees = !exact_answer.is_empty() && digits == exact_answer;
                 println!(
-                    "L = {n:>5} depth {depth:>3}%  {label:<24} want {number} got {:<12} {} {}  {secs:.1} s",
+                    "L = {n:>5} depth {depth:>3}%  {label:<24} tau {:<5} want {number} got {:<12} {} {}  {secs:.1} s",
+                    if tau.is_nan() { "-".to_string() } else { tau.to_string() },
                     format!("{digits:?}"),
                     if correct { "correct" } else { "wrong  " },
                     if agrees { "(= exact)" } else { "" }
@@ -478,14 +507,7 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                     ("length", Val::U(n as u64)),
                     ("depth_pct", Val::U(depth)),
                     ("attention", Val::S(label.into())),
-                    (
-                        "tau",
-                        Val::F(if kind.policy().is_some() {
-                            cfg.tau
-                        } else {
-                            f64::NAN
-                        }),
-                    ),
+                    ("tau", Val::F(tau)),
                     ("needle", Val::U(number)),
                     ("answer", Val::S(answer.replace('\n', "\\n"))),
                     ("correct", Val::U(correct as u64)),

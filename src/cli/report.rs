@@ -68,7 +68,11 @@ pub fn verdict_table(summary: &Summary) -> String {
             s,
             "{:<22} {:>6} {:>10} {:>12.4e}  {:<12} {}",
             key,
-            if r.holds { "yes" } else { "NO" },
+            match (r.measured, r.holds) {
+                (0, _) => "n/a",
+                (_, true) => "yes",
+                _ => "NO",
+            },
             r.violations,
             r.worst_ratio,
             at,

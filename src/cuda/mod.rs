@@ -17,7 +17,7 @@ pub mod prefill;
 pub mod selection;
 pub mod synth;
 
-pub use backend::{GpuAttention, GpuSelectionResult};
+pub use backend::{GpuAttention, GpuBackend, GpuSelectionResult};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
