@@ -73,7 +73,7 @@ impl Backend {
                 use crate::bound::{audit_outputs, Allowance};
                 use crate::selection::window_start;
                 let gpu_err = |e: crate::cuda::GpuError| TcaError::Backend(e.to_string());
-                let seen = crate::cuda::round_heads_to_bf16(heads)?;
+                let seen = heads.rounded_to_bf16()?;
                 let (sel, sparse) = g.sparse_prefill(&seen, cfg, budgets).map_err(gpu_err)?;
                 let full = g.dense_prefill(&seen).map_err(gpu_err)?;
                 let group = seen.group();

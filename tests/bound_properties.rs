@@ -48,7 +48,7 @@ proptest! {
         let full = tca::reference::exact::attention(&heads);
         let sparse = sparse_attention(&heads, &sel).unwrap();
         let kept = |h: usize, i: usize| sel.keys(h, i).len();
-        let allow = Allowance { entry_rel_vmax: TOL, gamma: TOL };
+        let allow = Allowance { rounding: TOL, gamma: TOL };
         let got = audit_outputs(&heads, &full, &sparse, &kept, allow).unwrap();
         prop_assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(&want) {

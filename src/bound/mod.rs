@@ -40,12 +40,10 @@ pub struct QueryAudit {
     pub identity_residual: f64,
     /// ||O_i||_2 of the exact output (for relative errors).
     pub out_l2: f64,
-    /// Head dimension d (the allowance of an l1 or l2 norm is d or sqrt(d) times the
-    /// per-entry one).
-    pub dim: usize,
-    /// Absolute allowance per entry of e_i for rounding in how O_i and O~_i were
-    /// computed: TOL max|V| for the f64 oracle, more for bf16 device outputs.
-    pub entry_allowance: f64,
+    /// Relative rounding r of how O_i and O~_i were computed: the allowance on ||e_i||_p
+    /// is r times a bound on max_j ||v_j||_p (see [`Reading::sides`]); TOL for the f64
+    /// oracle, 2^-7 for bf16 device outputs ([`Allowance::BF16`]).
+    pub rounding: f64,
     /// Absolute allowance on gamma_i (TOL for the oracle).
     pub gamma_allowance: f64,
 }
@@ -176,8 +174,7 @@ fn audit_query(
         vdiam_l2: st.diam_l2[i],
         identity_residual,
         out_l2: o.dot(&o).sqrt(),
-        dim: d,
-        entry_allowance: TOL * st.max_abs[i],
+        rounding: TOL,
         gamma_allowance: TOL,
     }
 }
@@ -185,20 +182,21 @@ fn audit_query(
 /// Rounding allowances of an audit made from outputs computed elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Allowance {
-    /// Per-entry allowance on e_i, relative to max|V| over j <= i.
-    pub entry_rel_vmax: f64,
+    /// Relative rounding r of the outputs (QueryAudit::rounding).
+    pub rounding: f64,
     /// Absolute allowance on gamma_i.
     pub gamma: f64,
 }
 
 impl Allowance {
     /// The bf16 device path (inputs rounded to bf16 before both passes, f32
-    /// accumulation): each of O_i and O~_i takes at most 2^-9 max|V| per entry from the
-    /// bf16 probabilities of its P V product and 2^-9 max|V| from rounding the output to
-    /// bf16, so e_i is off by at most 2^-7 max|V| per entry. gamma from the two f32
-    /// log-sum-exps is off by far less than 1e-4.
+    /// accumulation). Each of O_i and O~_i is off, entrywise, by at most
+    /// 2^-9 sum_j P_j |v_j| from the bf16 probabilities of its P V product plus 2^-9 |O_i|
+    /// <= 2^-9 sum_j P_j |v_j| from rounding the output to bf16, so e_i is off by at most
+    /// 2^-7 sum_j P_j |v_j|, whose p-norm is at most max_j ||v_j||_p. gamma from the two
+    /// f32 log-sum-exps of the same logits is off by far less than 1e-4.
     pub const BF16: Allowance = Allowance {
-        entry_rel_vmax: 1.0 / 128.0,
+        rounding: 1.0 / 128.0,
         gamma: 1e-4,
     };
 }
@@ -249,8 +247,7 @@ pub fn audit_outputs(
                 vdiam_l2: st.diam_l2[i],
                 identity_residual: f64::NAN,
                 out_l2: o.dot(&o).sqrt(),
-                dim: d,
-                entry_allowance: allow.entry_rel_vmax * st.max_abs[i],
+                rounding: allow.rounding,
                 gamma_allowance: allow.gamma,
             }
         })

@@ -4,9 +4,9 @@ use super::QueryAudit;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Relative f64 allowance: a reading holds at a query when lhs <= rhs + TOL max|V|
-/// (for gamma <= 1 - tau: gamma <= 1 - tau + TOL). Accumulated rounding over L <= 10^6
-/// terms stays far below it.
+/// Relative f64 allowance: a reading holds at a query when lhs <= rhs + TOL max_j ||v_j||
+/// in the reading's norm (for gamma <= 1 - tau: gamma <= 1 - tau + TOL). Accumulated
+/// rounding over L <= 10^6 terms stays far below it.
 pub const TOL: f64 = 1e-9;
 
 /// One reading of Theorem 1 (SPEC section 4).
@@ -62,34 +62,20 @@ impl Reading {
     }
 
     /// (lhs, rhs, allowance) at one query: the reading holds when lhs <= rhs + allowance.
-    /// The allowance is the audit's per-entry one (times d for an l1 norm, sqrt(d) for
-    /// l2) plus, on the right-hand side, what its gamma allowance moves the bound by.
-    /// A NaN lhs means the reading could not be measured there.
+    /// The allowance is the audit's rounding r times a bound on max_j ||v_j||_p for the
+    /// norm of the reading (max|V| for inf, max_j ||v_j||_1 for 1, and
+    /// sqrt(max|V| max_j ||v_j||_1) >= max_j ||v_j||_2 for 2), plus what the gamma
+    /// allowance moves the right-hand side by. A NaN lhs: not measured there.
     pub fn sides(self, a: &QueryAudit, tau: f64) -> (f64, f64, f64) {
-        let e = a.entry_allowance;
-        let (d, g) = (a.dim.max(1) as f64, a.gamma_allowance);
+        let (r, g) = (a.rounding, a.gamma_allowance);
+        let (inf, one) = (a.vmax_abs, a.vrow_l1_max);
+        let two = (inf * one).sqrt();
         match self {
-            Reading::Identity => (a.identity_residual, 0.0, e),
-            Reading::LinfEntrymax => (
-                a.err_linf,
-                2.0 * a.gamma * a.vmax_abs,
-                e + 2.0 * g * a.vmax_abs,
-            ),
-            Reading::L1Entrymax => (
-                a.err_l1,
-                2.0 * a.gamma * a.vmax_abs,
-                d * e + 2.0 * g * a.vmax_abs,
-            ),
-            Reading::L1Induced => (
-                a.err_l1,
-                2.0 * a.gamma * a.vrow_l1_max,
-                d * e + 2.0 * g * a.vrow_l1_max,
-            ),
-            Reading::L2Diameter => (
-                a.err_l2,
-                a.gamma * a.vdiam_l2,
-                d.sqrt() * e + g * a.vdiam_l2,
-            ),
+            Reading::Identity => (a.identity_residual, 0.0, r * inf),
+            Reading::LinfEntrymax => (a.err_linf, 2.0 * a.gamma * inf, r * inf + 2.0 * g * inf),
+            Reading::L1Entrymax => (a.err_l1, 2.0 * a.gamma * inf, r * one + 2.0 * g * inf),
+            Reading::L1Induced => (a.err_l1, 2.0 * a.gamma * one, r * one + 2.0 * g * one),
+            Reading::L2Diameter => (a.err_l2, a.gamma * a.vdiam_l2, r * two + g * a.vdiam_l2),
             Reading::GammaTau => (a.gamma, 1.0 - tau, g),
         }
     }
@@ -128,8 +114,8 @@ pub struct ReadingSummary {
 pub struct Summary {
     pub queries: usize,
     pub tau: f64,
-    /// Per-entry allowance on e_i relative to max|V| (TOL for the f64 oracle; the
-    /// largest over the audits).
+    /// Relative rounding allowance r of the audits (TOL for the f64 oracle, 2^-7 for
+    /// bf16 device outputs; the largest over the audits).
     pub tolerance: f64,
     pub mean_gamma: f64,
     pub max_gamma: f64,
@@ -186,11 +172,7 @@ pub fn summarize(audits: &[QueryAudit], tau: f64) -> Summary {
     Summary {
         queries: audits.len(),
         tau,
-        tolerance: audits
-            .iter()
-            .filter(|a| a.vmax_abs > 0.0)
-            .map(|a| a.entry_allowance / a.vmax_abs)
-            .fold(TOL, f64::max),
+        tolerance: audits.iter().map(|a| a.rounding).fold(TOL, f64::max),
         mean_gamma: audits.iter().map(|a| a.gamma).sum::<f64>() / n,
         max_gamma: audits.iter().map(|a| a.gamma).fold(0.0, f64::max),
         frac_gamma_above_1_minus_tau: audits.iter().filter(|a| a.gamma > 1.0 - tau).count() as f64

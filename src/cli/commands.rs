@@ -2,15 +2,16 @@
 
 use super::report::{verdict_table, write_audit};
 use crate::backend::{Backend, BackendKind};
-use crate::bound::{audit, summarize, Summary};
+use crate::bound::{summarize, Summary};
 use crate::calibration::{calibrate as calibrate_layer_profile, Profile};
 use crate::config::{Config, Criterion};
 use crate::data::{
-    load_safetensors, save_safetensors, synth as make_synth, HeadKind, Heads, SaveDtype, SynthSpec,
+    load_safetensors, save_safetensors, synth as make_synth, write_new, HeadKind, Heads, SaveDtype,
+    SynthSpec,
 };
 use crate::decode::decode as run_decode;
 use crate::error::{Result, TcaError};
-use crate::selection::{select, Budget};
+use crate::selection::Budget;
 use clap::Args;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,10 @@ pub struct BoundArgs {
     /// outputs audited with a stated rounding allowance; the identity is not measured).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
+    /// Round the inputs to bf16 before calibrating and auditing (always done for
+    /// `--backend cuda`): the CPU oracle then sees the values the GPU computes on.
+    #[arg(long)]
+    pub inputs_bf16: bool,
 }
 
 #[derive(Args, Debug)]
@@ -181,27 +186,38 @@ fn audit_layer(
     cfg: &Config,
     budgets: &[Budget],
 ) -> Result<(Vec<crate::bound::QueryAudit>, Summary)> {
-    let sel = select(heads, cfg, budgets)?;
-    let audits = audit(heads, &sel)?;
+    let (_, audits) = Backend::Cpu.audit_layer(heads, cfg, budgets)?;
     let summary = summarize(&audits, cfg.tau);
     Ok((audits, summary))
 }
 
 pub fn bound(a: BoundArgs) -> Result<()> {
     let (heads, cfg, layer) = a.input.load()?;
-    for p in [a.out.join("queries.csv"), a.out.join("summary.json")] {
+    let heads = if a.inputs_bf16 || a.backend == BackendKind::Cuda {
+        heads.rounded_to_bf16()?
+    } else {
+        heads
+    };
+    let files = ["queries.csv", "summary.json", "selection.json"].map(|f| a.out.join(f));
+    for p in &files {
         if p.exists() && !a.force {
-            return Err(TcaError::WouldOverwrite(p));
+            return Err(TcaError::WouldOverwrite(p.clone()));
         }
     }
     let backend = Backend::open(a.backend)?;
     let (_, budgets) = budgets_for(a.profile.as_deref(), &heads, &heads, &cfg, layer)?;
-    let (_, audits) = backend.audit_layer(&heads, &cfg, &budgets)?;
+    let (global, audits) = backend.audit_layer(&heads, &cfg, &budgets)?;
     let summary = summarize(&audits, cfg.tau);
     println!("backend: {}", backend.name());
     write_audit(&a.out, &audits, &summary, a.force)?;
+    // S_G per KV head, so that two backends' selections can be compared.
+    let sel = serde_json::json!({ "backend": backend.name(), "global": global });
+    write_new(&files[2], sel.to_string().as_bytes(), a.force)?;
     print!("{}", verdict_table(&summary));
-    println!("wrote {}/queries.csv and summary.json", a.out.display());
+    println!(
+        "wrote {}/queries.csv, summary.json and selection.json",
+        a.out.display()
+    );
     Ok(())
 }
 

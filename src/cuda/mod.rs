@@ -381,11 +381,10 @@ impl DevHeads {
     }
 }
 
-/// Rounds every value of the heads to bf16 (so that the oracle sees the GPU's inputs).
+/// Rounds every value of the heads to bf16 (so that the oracle sees the GPU's inputs);
+/// [`crate::Heads::rounded_to_bf16`].
 pub fn round_heads_to_bf16(heads: &crate::Heads) -> crate::Result<crate::Heads> {
-    let (q, k, v) = heads.tensors();
-    let r = |a: &ndarray::Array3<f64>| a.mapv(|x| bf16_to_f32(f32_to_bf16(x as f32)) as f64);
-    crate::Heads::new(r(q), r(k), r(v))
+    heads.rounded_to_bf16()
 }
 
 /// Launch configuration helper.

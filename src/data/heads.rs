@@ -13,6 +13,15 @@ pub struct Heads {
 }
 
 impl Heads {
+    /// The same heads with every value rounded to bf16 (through f32, round to nearest
+    /// even): what the GPU path computes on, so the oracle can see the same inputs.
+    /// Errors if a value overflows bf16.
+    pub fn rounded_to_bf16(&self) -> Result<Self> {
+        let (q, k, v) = self.tensors();
+        let r = |a: &Array3<f64>| a.mapv(|x| half::bf16::from_f32(x as f32).to_f64());
+        Heads::new(r(q), r(k), r(v))
+    }
+
     /// Validates shapes and values; the error names the tensor and the problem.
     pub fn new(q: Array3<f64>, k: Array3<f64>, v: Array3<f64>) -> Result<Self> {
         let (hq, l, d) = q.dim();
