@@ -1,9 +1,10 @@
 //! Fig. 5 on the real model: SmolLM2's perplexity change and top-1 agreement with exact
 //! attention across tau at 2K, 4K and 8K tokens, with the keep fraction each tau gives,
-//! and needle-in-a-haystack accuracy per policy. Drawn from the tables that
-//! `tca quality-ppl` and `tca quality-niah` measured (docs/quality/*.csv; the commands
-//! are in docs/quality.md): a TCA forward pass in the f64 reference costs minutes per
-//! configuration at 8K, too long to rerun inside `tca reproduce`.
+//! needle-in-a-haystack accuracy per policy at tau = 0.9, and NIAH accuracy of TCA
+//! against tau. Drawn from the tables that `tca quality-ppl` and `tca quality-niah`
+//! measured (docs/quality/ppl.csv and niah.csv; the commands are in docs/quality.md):
+//! the whole grid takes about an hour and a half on two cores, too long for
+//! `tca reproduce`.
 
 use super::plot::{bar_panel, de, font, line_panel, render, Axes, DrawResult, Figure, Series};
 use super::table::{f64s, pe, strs, write};
@@ -35,15 +36,16 @@ struct Fig {
     title: String,
     lines: Vec<(String, String, Vec<Series>)>,
     niah: (Vec<String>, Vec<(String, Vec<f64>)>),
+    niah_tau: Vec<Series>,
 }
 
 impl Figure for Fig {
     fn size(&self) -> (u32, u32) {
-        (1900, 560)
+        (2300, 560)
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         let root = root.titled(&self.title, font(16)).map_err(de)?;
-        let p = root.split_evenly((1, 4));
+        let p = root.split_evenly((1, 5));
         for (n, (area, (t, y, s))) in p.iter().zip(&self.lines).enumerate() {
             let axes = Axes {
                 legend: (n == 0).then_some(SeriesLabelPosition::UpperRight),
@@ -53,12 +55,24 @@ impl Figure for Fig {
         }
         bar_panel(
             &p[3],
-            "needle in a haystack: accuracy",
+            "needle in a haystack at tau 0.9",
             "fraction of depths answered",
             &self.niah.0,
             &self.niah.1,
             (0.0, 1.05),
             Some(SeriesLabelPosition::UpperRight),
+        )?;
+        let axes = Axes {
+            legend: Some(SeriesLabelPosition::LowerRight),
+            ..Axes::default()
+        };
+        line_panel(
+            &p[4],
+            "NIAH vs tau (solid: TCA prefill + full decode; dashed: TCA cache)",
+            "tau",
+            "fraction of depths answered",
+            &self.niah_tau,
+            &axes,
         )
     }
 }
@@ -66,15 +80,7 @@ impl Figure for Fig {
 /// Writes `fig5_model` (figure and the combined perplexity table).
 pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let dir = Path::new(QUALITY_DIR);
-    let mut frames = Vec::new();
-    for f in [
-        "ppl_2048.csv",
-        "ppl_4096.csv",
-        "ppl_8192.csv",
-        "ppl_8192_more_taus.csv",
-    ] {
-        frames.push(read(&dir.join(f))?.lazy());
-    }
+    let frames = vec![read(&dir.join("ppl.csv"))?.lazy()];
     let stem = ctx.stem("fig5_model");
     // Exact rows give the reference perplexity per length; TCA rows vs tau.
     let all = concat(frames, UnionArgs::default())
@@ -122,18 +128,58 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             })
             .collect())
     };
-    // Every measured NIAH table (niah.csv: 1K and 2K; niah_4096.csv: 4K), stacked.
-    let mut niah = read(&dir.join("niah.csv"))?;
-    let extra = dir.join("niah_4096.csv");
-    if extra.exists() {
-        let more = read(&extra)?;
-        niah = niah
-            .vstack(
-                &more
-                    .select(niah.get_column_names_owned())
-                    .map_err(pe(&extra))?,
+    // NIAH: every policy at tau 0.9 (exact has no tau), and TCA across tau.
+    let niah_path = dir.join("niah.csv");
+    let niah_all = read(&niah_path)?;
+    let niah = niah_all
+        .clone()
+        .lazy()
+        .filter(col("tau").is_nan().or(col("tau").eq(lit(0.9))))
+        .collect()
+        .map_err(pe(&niah_path))?;
+    let by_tau = super::table::mean_by(
+        niah_all
+            .lazy()
+            .filter(
+                col("attention")
+                    .eq(lit("tca"))
+                    .or(col("attention").eq(lit("tca_prefill_full_decode"))),
             )
-            .map_err(pe(&extra))?;
+            .collect()
+            .map_err(pe(&niah_path))?,
+        &["length", "attention", "tau"],
+        &["correct"],
+    )
+    .map_err(pe(&niah_path))?;
+    let (tl, ta, tt, tc) = (
+        f64s(&by_tau, "length")?,
+        strs(&by_tau, "attention")?,
+        f64s(&by_tau, "tau")?,
+        f64s(&by_tau, "correct")?,
+    );
+    let mut niah_tau = Vec::new();
+    let mut tls = tl.clone();
+    tls.sort_by(f64::total_cmp);
+    tls.dedup();
+    for (att, dashed) in [("tca_prefill_full_decode", false), ("tca", true)] {
+        for &l in &tls {
+            let mut points: Vec<(f64, f64)> = (0..tl.len())
+                .filter(|&i| tl[i] == l && ta[i] == att)
+                .map(|i| (tt[i], tc[i]))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if points.len() > 1 {
+                niah_tau.push(Series {
+                    name: format!(
+                        "{} tokens{}",
+                        l as usize,
+                        if dashed { " (cache)" } else { "" }
+                    ),
+                    points,
+                    dashed,
+                });
+            }
+        }
     }
     let agg =
         super::table::mean_by(niah, &["length", "attention"], &["correct"]).map_err(pe(&stem))?;
@@ -175,6 +221,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                 ("keep fraction".into(), "mean |S_i| / (i + 1)".into(), series("keep_fraction")?),
             ],
             niah: (lengths.iter().map(|l| format!("{} tokens", *l as usize)).collect(), bars),
+            niah_tau,
         },
     )?);
     Ok(files)
