@@ -161,21 +161,51 @@ fn audit_query(
     let mu_in = weighted_sum(v, keys.iter().copied(), &w);
     let predicted = &sum_out - &(&mu_in * gamma);
     let identity_residual = (&e - &predicted).fold(0.0f64, |m, x| m.max(x.abs()));
-    QueryAudit {
-        head: h,
-        query: i,
-        gamma,
-        kept: keys.len(),
-        err_l1: e.fold(0.0f64, |m, x| m + x.abs()),
-        err_linf: e.fold(0.0f64, |m, x| m.max(x.abs())),
-        err_l2: e.dot(&e).sqrt(),
-        vmax_abs: st.max_abs[i],
-        vrow_l1_max: st.max_row_l1[i],
-        vdiam_l2: st.diam_l2[i],
-        identity_residual,
-        out_l2: o.dot(&o).sqrt(),
+    let allow = Allowance {
         rounding: TOL,
-        gamma_allowance: TOL,
+        gamma: TOL,
+    };
+    QueryAudit::measure(
+        (h, i),
+        gamma,
+        keys.len(),
+        &e,
+        o.view(),
+        st,
+        identity_residual,
+        allow,
+    )
+}
+
+impl QueryAudit {
+    /// The record of query i of head h from its error e_i and exact output O_i.
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        (head, query): (usize, usize),
+        gamma: f64,
+        kept: usize,
+        e: &Array1<f64>,
+        o: ndarray::ArrayView1<f64>,
+        st: &PrefixStats,
+        identity_residual: f64,
+        allow: Allowance,
+    ) -> Self {
+        QueryAudit {
+            head,
+            query,
+            gamma,
+            kept,
+            err_l1: e.fold(0.0f64, |m, x| m + x.abs()),
+            err_linf: e.fold(0.0f64, |m, x| m.max(x.abs())),
+            err_l2: e.dot(e).sqrt(),
+            vmax_abs: st.max_abs[query],
+            vrow_l1_max: st.max_row_l1[query],
+            vdiam_l2: st.diam_l2[query],
+            identity_residual,
+            out_l2: o.dot(&o).sqrt(),
+            rounding: allow.rounding,
+            gamma_allowance: allow.gamma,
+        }
     }
 }
 
@@ -234,22 +264,8 @@ pub fn audit_outputs(
             let st = &stats[heads.kv_of(h)];
             let o = full.o.slice(s![h, i, ..]);
             let e = &o - &sparse.o.slice(s![h, i, ..]);
-            QueryAudit {
-                head: h,
-                query: i,
-                gamma: (1.0 - (sparse.lse[[h, i]] - full.lse[[h, i]]).exp()).max(0.0),
-                kept: kept(h, i),
-                err_l1: e.fold(0.0f64, |m, x| m + x.abs()),
-                err_linf: e.fold(0.0f64, |m, x| m.max(x.abs())),
-                err_l2: e.dot(&e).sqrt(),
-                vmax_abs: st.max_abs[i],
-                vrow_l1_max: st.max_row_l1[i],
-                vdiam_l2: st.diam_l2[i],
-                identity_residual: f64::NAN,
-                out_l2: o.dot(&o).sqrt(),
-                rounding: allow.rounding,
-                gamma_allowance: allow.gamma,
-            }
+            let gamma = (1.0 - (sparse.lse[[h, i]] - full.lse[[h, i]]).exp()).max(0.0);
+            QueryAudit::measure((h, i), gamma, kept(h, i), &e, o, st, f64::NAN, allow)
         })
         .collect())
 }

@@ -322,6 +322,14 @@ mod tests {
         })
     }
 
+    /// max |got - want| over all entries.
+    fn max_err(got: &Array3<f32>, want: &Array3<f64>) -> f64 {
+        got.iter()
+            .zip(want.iter())
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    }
+
     #[test]
     fn exact_matches_naive_f64() {
         let (hq, hkv, l, d) = (6, 2, 37, 8);
@@ -333,11 +341,7 @@ mod tests {
             let got = Exact { block }
                 .prefill(0, q.view(), k.view(), v.view())
                 .unwrap();
-            let err = got
-                .iter()
-                .zip(want.iter())
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
+            let err = max_err(&got, &want);
             assert!(err < 1e-5, "block {block}: max error {err}");
         }
     }
@@ -381,11 +385,7 @@ mod tests {
         let want = crate::selection::sparse_attention(&heads, &sets).unwrap().o;
         for block in [1, 7, 64] {
             let got = attend_key_sets(q.view(), k.view(), v.view(), &sets, block).unwrap();
-            let err = got
-                .iter()
-                .zip(want.iter())
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
+            let err = max_err(&got, &want);
             assert!(err < 1e-5, "block {block}: max error {err}");
         }
         // Full causal sets give exact attention; an empty set gives a zero row.
