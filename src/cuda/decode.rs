@@ -19,13 +19,10 @@ pub fn smem_bytes(d: usize) -> usize {
 }
 
 fn kernel(gpu: &Gpu, h: &DevHeads) -> GpuResult<cudarc::driver::CudaFunction> {
-    let f = gpu.func(&format!("tca_decode_d{}_g{}", h.dim, h.group()))?;
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem_bytes(h.dim) as i32,
+    gpu.func_smem(
+        &format!("tca_decode_d{}_g{}", h.dim, h.group()),
+        smem_bytes(h.dim),
     )
-    .ctx("cuFuncSetAttribute(decode dynamic shared memory)")?;
-    Ok(f)
 }
 
 /// Decode outputs and partials on the device.

@@ -163,6 +163,9 @@ pub struct Gpu {
     /// Each module with the kernel names its PTX defines.
     modules: Vec<(Arc<CudaModule>, Vec<String>)>,
     funcs: std::sync::Mutex<HashMap<String, CudaFunction>>,
+    /// Dynamic shared memory each kernel has been allowed, so the attribute is set once
+    /// per kernel and size, not on every launch (a host cost of microseconds).
+    smem_set: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 impl Gpu {
@@ -201,6 +204,7 @@ impl Gpu {
             stream,
             modules,
             funcs: std::sync::Mutex::new(HashMap::new()),
+            smem_set: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -222,6 +226,22 @@ impl Gpu {
             }
         }
         Err(GpuError::Invalid(format!("kernel {name} not found")))
+    }
+
+    /// The kernel `name`, allowed `bytes` of dynamic shared memory (the attribute is set
+    /// the first time a size above the one already allowed is asked for).
+    pub fn func_smem(&self, name: &str, bytes: usize) -> GpuResult<CudaFunction> {
+        let f = self.func(name)?;
+        let mut set = self.smem_set.lock().expect("shared memory table poisoned");
+        if set.get(name).is_none_or(|&b| b < bytes) {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .ctx(&format!("cuFuncSetAttribute({name}, dynamic shared memory {bytes})"))?;
+            set.insert(name.to_string(), bytes);
+        }
+        Ok(f)
     }
 
     /// Device name.

@@ -3,7 +3,6 @@
 
 use super::selection::DevSelection;
 use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
 /// Keys per tile (both kernels).
@@ -96,13 +95,7 @@ impl DevAttention {
 }
 
 fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
-    let f = gpu.func(&v.kernel_name(d))?;
-    f.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        v.smem_bytes(d) as i32,
-    )
-    .ctx("cuFuncSetAttribute(max dynamic shared memory)")?;
-    Ok(f)
+    gpu.func_smem(&v.kernel_name(d), v.smem_bytes(d))
 }
 
 /// TCA sparse prefill: query i attends to S_G's keys at positions <= i - w (read from
