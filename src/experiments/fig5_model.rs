@@ -3,7 +3,7 @@
 //! needle-in-a-haystack accuracy per policy at tau = 0.9, and NIAH accuracy of TCA
 //! against tau. Drawn from the tables that `tca quality-ppl` and `tca quality-niah`
 //! measured (docs/quality/ppl.csv and niah.csv; the commands are in docs/quality.md):
-//! the whole grid takes about an hour and a half on two cores, too long for
+//! the whole grid takes almost two hours on two cores, too long for
 //! `tca reproduce`.
 
 use super::plot::{bar_panel, de, font, line_panel, render, Axes, DrawResult, Figure, Series};
