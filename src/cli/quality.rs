@@ -270,8 +270,9 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
 /// Arguments of `tca quality-niah`.
 #[derive(Debug, Clone, Args)]
 pub struct QualityNiahArgs {
-    /// Haystack lengths in tokens (the whole prompt, question included).
-    #[arg(long, default_value = "1024,2048,4096,8192")]
+    /// Haystack lengths in tokens (the whole prompt, question included; the prompt plus
+    /// the answer tokens must fit in the model's 8,192-token context).
+    #[arg(long, default_value = "1024,2048,4096,8182")]
     pub lengths: String,
     /// Needle depths in percent of the haystack.
     #[arg(long, default_value = "0,25,50,75,100")]
