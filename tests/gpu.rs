@@ -85,7 +85,7 @@ fn cuda_backend_audit_agrees_with_the_oracle() {
     let (global, got) = gpu.audit_layer(&heads, &cfg, &budgets).unwrap();
     // The oracle on the values the device saw, with the device's S_G (importance ties
     // within f32 rounding may pick other keys; the benchmark reports that rate).
-    let seen = tca::cuda::round_heads_to_bf16(&heads).unwrap();
+    let seen = heads.rounded_to_bf16().unwrap();
     let mut sel = tca::selection::select(&seen, &cfg, &budgets).unwrap();
     let same = sel
         .heads

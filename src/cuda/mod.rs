@@ -401,12 +401,6 @@ impl DevHeads {
     }
 }
 
-/// Rounds every value of the heads to bf16 (so that the oracle sees the GPU's inputs);
-/// [`crate::Heads::rounded_to_bf16`].
-pub fn round_heads_to_bf16(heads: &crate::Heads) -> crate::Result<crate::Heads> {
-    heads.rounded_to_bf16()
-}
-
 /// Launch configuration helper.
 pub(crate) fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig {
