@@ -69,7 +69,9 @@ fn full_profile(m: &Model, cfg: &Config) -> Profile {
                     kv_head,
                     m: cfg.candidates,
                     mu: 1e3,
-                    sigma: 1.0,
+                    // Tiny sigma: every weight but k = b is exactly 0 (log-space
+                    // normalisation keeps a 1e-7 tail at sigma = 1).
+                    sigma: 1e-3,
                     expected_budget: cfg.block_size as f64,
                     retained: 1.0,
                     reached_tau: true,
@@ -78,6 +80,7 @@ fn full_profile(m: &Model, cfg: &Config) -> Profile {
                     retained_mass: Vec::new(),
                 })
                 .collect(),
+            data_hash: None,
         })
         .collect();
     Profile::new(shape, cfg.clone(), 0, layers)

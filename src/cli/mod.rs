@@ -25,6 +25,8 @@ pub enum Command {
     Synth(commands::SynthArgs),
     /// Prefill with TCA, then decode the input's last tokens with the compacted cache.
     Decode(commands::DecodeArgs),
+    /// Search for, shrink and write a counterexample to one reading of Theorem 1.
+    Counterexample(commands::CounterexampleArgs),
     /// The main job: verdict tables on the synthetic heads and every figure (figures/).
     Reproduce(commands::ReproduceArgs),
     /// Capture per-layer post-RoPE Q, K, V of SmolLM2-135M on a text.
@@ -48,6 +50,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Bound(a) => commands::bound(a),
         Command::Synth(a) => commands::synth(a),
         Command::Decode(a) => commands::decode(a),
+        Command::Counterexample(a) => commands::counterexample(a),
         Command::Reproduce(a) => commands::reproduce(a),
         Command::Capture(a) => model::run_capture(a),
         Command::Perplexity(a) => model::run_perplexity(a),

@@ -17,11 +17,11 @@ pub type GpuSelectionResult = HostSelection;
 pub type GpuAttention = Attention;
 
 /// The budget table of SPEC 1.5 for every KV head: `table[kv * nb + r]` = t_r (before
-/// clipping), from the oracle's [`Budget::block_budget`].
+/// clipping), from the oracle's [`Budget::block_budgets`].
 pub fn budget_table(budgets: &[Budget], nb: usize) -> Vec<i32> {
     budgets
         .iter()
-        .flat_map(|b| (0..nb).map(move |r| b.block_budget(r, nb) as i32))
+        .flat_map(|b| b.block_budgets(nb).into_iter().map(|t| t as i32))
         .collect()
 }
 

@@ -42,8 +42,9 @@ impl HeadRanking {
     pub fn select(&self, budget: &Budget) -> (Vec<usize>, Vec<usize>) {
         let nb = self.blocks.len();
         let mut t = vec![0; nb];
+        let by_rank = budget.block_budgets(nb);
         for (r, &j) in self.order.iter().enumerate() {
-            t[j] = budget.block_budget(r, nb).min(self.blocks[j].len());
+            t[j] = by_rank[r].min(self.blocks[j].len());
         }
         let global = self
             .blocks
