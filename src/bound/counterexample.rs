@@ -64,8 +64,8 @@ impl Case {
 pub enum Outcome {
     /// A shrunk case, its violating query and key set, and how many cases were tried.
     Found {
-        case: Case,
-        audit: QueryAudit,
+        case: Box<Case>,
+        audit: Box<QueryAudit>,
         keys: Vec<usize>,
         tried: usize,
         shrink_steps: usize,
@@ -181,16 +181,14 @@ fn smaller(case: &Case, phase: usize) -> Vec<Case> {
                 });
             }
         }
-        3 => {
-            // Uniform attention.
-            if q.iter().chain(k.iter()).any(|&x| x != 0.0) {
-                out.extend(with_heads(
-                    case,
-                    q.mapv(|_| 0.0),
-                    k.mapv(|_| 0.0),
-                    v.clone(),
-                ));
-            }
+        // Uniform attention.
+        3 if q.iter().chain(k.iter()).any(|&x| x != 0.0) => {
+            out.extend(with_heads(
+                case,
+                q.mapv(|_| 0.0),
+                k.mapv(|_| 0.0),
+                v.clone(),
+            ));
         }
         2 => {
             // Value by value: V, then Q and K.
@@ -301,8 +299,8 @@ pub fn search(reading: Reading, seed: u64, cases: usize) -> Result<Outcome> {
                 TcaError::Invalid("the shrunk case no longer fails (a bug in shrink)".into())
             })?;
             Ok(Outcome::Found {
-                case,
-                audit,
+                case: Box::new(case),
+                audit: Box::new(audit),
                 keys,
                 tried: at,
                 shrink_steps,
