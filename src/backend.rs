@@ -54,7 +54,7 @@ impl Backend {
         }
     }
 
-    /// S_G per KV head (SPEC section 1), then the Theorem 1 audit of every (query head,
+    /// S_G per KV head (docs/algorithm.md §1), then the Theorem 1 audit of every (query head,
     /// query) of the layer. Returns (S_G per KV head, the audits).
     pub fn audit_layer(
         &self,

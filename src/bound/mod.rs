@@ -1,4 +1,4 @@
-//! Theorem 1, checked in each of its readings (SPEC section 4).
+//! Theorem 1, checked in each of its readings (docs/algorithm.md §4).
 //!
 //! For query i with key set S_i: gamma_i = sum_{j <= i, j not in S_i} P_ij (the softmax
 //! mass TCA omits, summed directly, never as 1 - kept) and e_i = O_i - O~_i. Identity:

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 /// rounding over L <= 10^6 terms stays far below it.
 pub const TOL: f64 = 1e-9;
 
-/// One reading of Theorem 1 (SPEC section 4).
+/// One reading of Theorem 1 (docs/algorithm.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reading {
