@@ -58,25 +58,31 @@ fn tensor(name: &str, obj: &Bound<'_, PyAny>, bf16_bits: bool) -> PyResult<Array
     }
     let dtype: String = arr.dtype().getattr("name")?.extract()?;
     let itemsize = arr.dtype().itemsize();
+    // Copied in logical order, so the array has the standard layout the CLI's arrays have
+    // (a reversed or strided view would otherwise keep its strides, and sums their order).
+    fn widen<A: Copy>(a: ndarray::ArrayView3<'_, A>, f: impl Fn(A) -> f64) -> Array3<f64> {
+        Array3::from_shape_fn(a.dim(), |ix| f(a[ix]))
+    }
     let wide = |a: &Bound<'_, PyAny>| -> PyResult<Array3<f64>> {
-        Ok(a.cast::<PyArray3<f64>>()?.readonly().as_array().to_owned())
+        Ok(widen(
+            a.cast::<PyArray3<f64>>()?.readonly().as_array(),
+            |x| x,
+        ))
     };
     let bits = |a: &Bound<'_, PyAny>| -> PyResult<Array3<f64>> {
         let a = a.cast::<PyArray3<u16>>()?.readonly();
-        Ok(a.as_array().mapv(|b| half::bf16::from_bits(b).to_f64()))
+        Ok(widen(a.as_array(), |b| half::bf16::from_bits(b).to_f64()))
     };
     match (dtype.as_str(), bf16_bits) {
         ("float64", false) => wide(arr.as_any()),
-        ("float32", false) => Ok(arr
-            .cast::<PyArray3<f32>>()?
-            .readonly()
-            .as_array()
-            .mapv(f64::from)),
-        ("float16", false) => Ok(arr
-            .cast::<PyArray3<half::f16>>()?
-            .readonly()
-            .as_array()
-            .mapv(|x| x.to_f64())),
+        ("float32", false) => Ok(widen(
+            arr.cast::<PyArray3<f32>>()?.readonly().as_array(),
+            f64::from,
+        )),
+        ("float16", false) => Ok(widen(
+            arr.cast::<PyArray3<half::f16>>()?.readonly().as_array(),
+            |x| x.to_f64(),
+        )),
         ("bfloat16", _) if itemsize == 2 => bits(&arr.call_method1("view", ("uint16",))?),
         ("uint16", true) => bits(arr.as_any()),
         (other, true) => Err(invalid(format!(
@@ -105,18 +111,25 @@ fn heads(
             )))
         }
     };
-    Heads::new(tensor("q", q, bits)?, tensor("k", k, bits)?, tensor("v", v, bits)?).map_err(err)
+    Heads::new(
+        tensor("q", q, bits)?,
+        tensor("k", k, bits)?,
+        tensor("v", v, bits)?,
+    )
+    .map_err(err)
 }
 
 /// Is `obj` a path: a `str` without '=' (a TOML text sets at least one key) or an
 /// `os.PathLike`.
 fn as_path(obj: &Bound<'_, PyAny>) -> PyResult<Option<std::path::PathBuf>> {
     if let Ok(s) = obj.cast::<PyString>() {
-        let s = s.to_str()?;
+        let s: String = s.extract()?;
         return Ok((!s.contains('=')).then(|| s.into()));
     }
     if obj.hasattr("__fspath__")? {
-        return Ok(Some(obj.call_method0("__fspath__")?.extract::<String>()?.into()));
+        return Ok(Some(
+            obj.call_method0("__fspath__")?.extract::<String>()?.into(),
+        ));
     }
     Ok(None)
 }
@@ -144,7 +157,7 @@ fn config(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Config> {
         return Config::from_file(&path).map_err(err);
     }
     if let Ok(text) = obj.cast::<PyString>() {
-        return Config::from_toml_str(text.to_str()?).map_err(err);
+        return Config::from_toml_str(&text.extract::<String>()?).map_err(err);
     }
     if obj.cast::<PyDict>().is_ok() {
         let value: serde_json::Value = serde_json::from_str(&to_json(obj)?)
@@ -187,7 +200,12 @@ fn profile(obj: &Bound<'_, PyAny>) -> PyResult<Profile> {
 
 /// The budgets of a layer, as the CLI's `bound` finds them: from a profile checked
 /// against the input, else by calibrating the input itself.
-fn budgets(h: &Heads, cfg: &Config, prof: Option<Profile>, layer: usize) -> ::tca::Result<Vec<Budget>> {
+fn budgets(
+    h: &Heads,
+    cfg: &Config,
+    prof: Option<Profile>,
+    layer: usize,
+) -> ::tca::Result<Vec<Budget>> {
     let prof = match prof {
         Some(p) => {
             p.check_fits(h, cfg, layer)?;
@@ -244,7 +262,10 @@ fn select<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let h = heads(q, k, v, dtype)?;
     let cfg = self::config(config)?;
-    let prof = profile.filter(|p| !p.is_none()).map(self::profile).transpose()?;
+    let prof = profile
+        .filter(|p| !p.is_none())
+        .map(self::profile)
+        .transpose()?;
     let sel = py
         .detach(|| budgets(&h, &cfg, prof, layer).and_then(|b| run_select(&h, &cfg, &b)))
         .map_err(err)?;
@@ -325,7 +346,10 @@ fn bound<'py>(
         h = h.rounded_to_bf16().map_err(err)?;
     }
     let cfg = self::config(config)?;
-    let prof = profile.filter(|p| !p.is_none()).map(self::profile).transpose()?;
+    let prof = profile
+        .filter(|p| !p.is_none())
+        .map(self::profile)
+        .transpose()?;
     let (global, audits, summary) = py
         .detach(|| {
             let b = budgets(&h, &cfg, prof, layer)?;

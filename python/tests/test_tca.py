@@ -62,7 +62,7 @@ def test_bound_arrays_and_verdicts():
     assert np.isclose(gamma.mean(), s["mean_gamma"], rtol=1e-12)
     assert gamma.max() == s["max_gamma"]
     # Queries inside the window keep everything: gamma = 0 and e = 0 there.
-    assert np.all(gamma[:, :64] == 0) and np.all(r["err_l2"][:, :64] == 0)
+    assert np.all(gamma[:, :64] == 0) and np.all(r["err_l2"][:, :64] <= 1e-12)
     assert np.all(kept <= np.arange(1, 301)) and np.all(kept >= np.minimum(np.arange(1, 301), 64))
     assert gamma[:, 64:].max() > 0, "the selection must omit something for the audit to test"
     for key in TRUE_READINGS:
@@ -77,11 +77,11 @@ def test_bound_arrays_and_verdicts():
 
 def test_literal_l1_reading_is_measured_and_can_fail():
     q, k, v = layer("uniform")
-    s = tca.bound(q, k, v, CFG)["summary"]
-    lit = s["readings"]["l1_entrymax"]
-    assert lit["measured"] == 1200
-    # d = 16: ||e||_1 can exceed 2 gamma max|V|; the verdict counts what the arrays show.
     r = tca.bound(q, k, v, CFG)
+    lit = r["summary"]["readings"]["l1_entrymax"]
+    assert lit["measured"] == 1200
+    # d = 16: ||e||_1 can exceed 2 gamma max|V|; the verdict counts what the arrays show
+    # (allowance of bound::TOL = 1e-9 on both sides, as in Reading::sides).
     tol = 1e-9 * r["vrow_l1_max"] + 2e-9 * r["vmax_abs"]
     fails = int(np.sum(r["err_l1"] > 2 * r["gamma"] * r["vmax_abs"] + tol))
     assert lit["violations"] == fails
@@ -165,13 +165,14 @@ def test_ml_dtypes_bfloat16():
 def test_inputs_bf16_rounds_like_the_cli():
     q, k, v = layer()
     got = tca.bound(q, k, v, CFG, inputs_bf16=True)["summary"]
-    import_rounded = [a.astype(np.float32) for a in (q, k, v)]
+    f32s = [a.astype(np.float32) for a in (q, k, v)]
+
     # Round to nearest even at bf16 (what Heads::rounded_to_bf16 does), then widen.
     def rne(a):
         u = a.view(np.uint32).astype(np.uint64)
         u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         return from_bf16_bits(u.astype(np.uint16))
-    want = tca.bound(*(rne(a) for a in import_rounded), CFG)["summary"]
+    want = tca.bound(*(rne(a) for a in f32s), CFG)["summary"]
     assert got == want
 
 
