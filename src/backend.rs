@@ -93,7 +93,7 @@ impl Backend {
         }
     }
 
-    /// S_G per KV head (docs/algorithm.md section 1), then the Theorem 1 audits of the
+    /// S_G per KV head (docs/algorithm.md §1), then the Theorem 1 audits of the
     /// layer (see the module documentation).
     pub fn audit_layer(
         &self,

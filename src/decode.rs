@@ -1,4 +1,4 @@
-//! Decoding with the compacted cache (SPEC section 3).
+//! Decoding with the compacted cache (docs/algorithm.md §3).
 //!
 //! After prefill the cache of a KV head holds S_G (keys, values, original positions) and
 //! the last w tokens (all of them when L <= w). Each new token is appended to the

@@ -1,4 +1,4 @@
-//! Calibration (SPEC section 2) and decoding (section 3) against the oracle.
+//! Calibration (docs/algorithm.md §2) and decoding (section 3) against the oracle.
 
 mod common;
 

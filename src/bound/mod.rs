@@ -1,5 +1,4 @@
-//! Theorem 1, checked in each of its readings (docs/algorithm.md section 4,
-//! docs/theorem.md).
+//! Theorem 1, checked in each of its readings (docs/algorithm.md §4, docs/theorem.md).
 //!
 //! For query i with key set S_i: gamma_i = sum_{j <= i, j not in S_i} P_ij (the softmax
 //! mass TCA omits, summed directly from the exact row, never as 1 - kept) and

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 /// (about L 2^-53 < 1.2e-10) stays below it.
 pub const TOL: f64 = 1e-9;
 
-/// One reading of Theorem 1 (SPEC section 4).
+/// One reading of Theorem 1 (docs/algorithm.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reading {

@@ -1,4 +1,4 @@
-//! Offline head-specific calibration (SPEC section 2) and the versioned JSON profile
+//! Offline head-specific calibration (docs/algorithm.md §2) and the versioned JSON profile
 //! that carries its result to the online phase.
 
 pub mod profile;

@@ -29,7 +29,7 @@ pub struct InputArgs {
     /// Read tensors `layer{N}.q/k/v` of a multi-layer capture (and layer N of a profile).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// TOML configuration (SPEC section 7); the defaults when omitted.
+    /// TOML configuration (docs/algorithm.md §7); the defaults when omitted.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }

@@ -9,7 +9,12 @@ use clap::{Parser, Subcommand};
 
 /// TCA-Attention reference harness.
 #[derive(Parser, Debug)]
-#[command(name = "tca", version, about)]
+#[command(
+    name = "tca",
+    version,
+    about,
+    after_help = "The method, each reading of the paper and its configuration key: docs/algorithm.md."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -67,7 +67,7 @@ impl AttentionKind {
 /// Where a sparse attention's calibration comes from.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
-    /// TOML configuration of TCA (SPEC section 7); default: configs/model.toml's
+    /// TOML configuration of TCA (docs/algorithm.md §7); default: configs/model.toml's
     /// scaled setting (b = 64, w = 256, tau = 0.9).
     #[arg(long)]
     pub config: Option<PathBuf>,

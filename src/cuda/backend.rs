@@ -16,8 +16,8 @@ pub type GpuSelectionResult = HostSelection;
 /// Prefill or decode outputs converted to f64 (O [Hq, L or 1, d], lse [Hq, L or 1]).
 pub type GpuAttention = Attention;
 
-/// The budget table of SPEC 1.5 for every KV head: `table[kv * nb + r]` = t_r (before
-/// clipping), from the oracle's [`Budget::block_budgets`].
+/// Budget table of docs/algorithm.md §1.5 for every KV head: `table[kv * nb + r]` = t_r
+/// (before clipping), from the oracle's [`Budget::block_budgets`].
 pub fn budget_table(budgets: &[Budget], nb: usize) -> Vec<i32> {
     budgets
         .iter()
@@ -90,7 +90,7 @@ impl GpuBackend {
         Ok((h, sel))
     }
 
-    /// SPEC 1.1-1.6 on the GPU: S_G per KV head.
+    /// docs/algorithm.md §1.1-1.6 on the GPU: S_G per KV head.
     pub fn select(
         &self,
         heads: &Heads,

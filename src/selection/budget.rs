@@ -1,4 +1,4 @@
-//! Per-block token budgets (SPEC sections 1.5 and 2): a configuration p is a probability
+//! Per-block token budgets (docs/algorithm.md §§1.5, 2): a configuration p is a probability
 //! distribution over budgets k in {1..b}; the candidates are discretised log-normals.
 
 use crate::config::Config;
@@ -90,7 +90,7 @@ impl Budget {
             .sum()
     }
 
-    /// Budget of the block of rank r among nb (SPEC 1.5):
+    /// Budget of the block of rank r among nb (docs/algorithm.md §1.5):
     /// t_r = min{k : F_p(k) >= 1 - (r + 0.5) / nb}, before clipping to the block size.
     /// Decided in exact arithmetic (see [`Budget::block_budgets`]).
     pub fn block_budget(&self, rank: usize, nb: usize) -> usize {
@@ -107,7 +107,7 @@ impl Budget {
         (0..nb).map(|r| cdf.budget(r, nb)).collect()
     }
 
-    /// The decode-time budget of a new block (SPEC section 3): floor(E_p[k]), at least 1.
+    /// The decode-time budget of a new block (docs/algorithm.md §3): floor(E_p[k]), at least 1.
     pub fn decode_budget(&self) -> usize {
         (self.expected().floor() as usize).clamp(1, self.p.len())
     }
@@ -176,7 +176,7 @@ pub struct Candidate {
     pub budget: Budget,
 }
 
-/// The M candidates of SPEC section 2: mu_m = ln(b) (m - 1) / (M - 1) (mu = ln b / 2 when
+/// The M candidates of docs/algorithm.md §2: mu_m = ln(b) (m - 1) / (M - 1) (mu = ln b / 2 when
 /// M = 1), shared sigma, ordered by E_p[k] ascending.
 pub fn candidates(cfg: &Config) -> Result<Vec<Candidate>> {
     cfg.validate()?;

@@ -1,4 +1,4 @@
-//! Online core-context selection (SPEC section 1): importance, ranking, per-block budgets
+//! Online core-context selection (docs/algorithm.md §1): importance, ranking, per-block budgets
 //! and the per-query key sets S_i = W_i union {j in S_G : j <= i}.
 
 use super::blocks::{candidate_blocks, rank, redundancy, top_t, BlockScores};
@@ -23,7 +23,7 @@ pub struct HeadRanking {
 }
 
 impl HeadRanking {
-    /// Steps 1-4 of SPEC section 1 for KV head `kv`.
+    /// Steps 1-4 of docs/algorithm.md §1 for KV head `kv`.
     pub fn new(heads: &Heads, kv: usize, cfg: &Config) -> Self {
         let importance = importance(heads, kv, cfg);
         let blocks = candidate_blocks(heads.len(), cfg);
@@ -121,7 +121,7 @@ pub fn key_set(global: &[usize], window: usize, i: usize) -> impl Iterator<Item 
     global[..n].iter().copied().chain(lo..=i)
 }
 
-/// Runs SPEC section 1 for every KV head with its budget distribution (one per KV head,
+/// Runs docs/algorithm.md §1 for every KV head with its budget distribution (one per KV head,
 /// each over k = 1..b).
 pub fn select(heads: &Heads, cfg: &Config, budgets: &[Budget]) -> Result<Selection> {
     cfg.validate()?;
