@@ -212,7 +212,10 @@ fn budgets(
             p.check_fits(h, cfg, layer)?;
             Ok((p.budgets(layer)?, p.in_sample(h, layer)))
         }
-        None => Ok((calibrate_profile(h, cfg, layer)?.budgets(layer)?, Some(true))),
+        None => Ok((
+            calibrate_profile(h, cfg, layer)?.budgets(layer)?,
+            Some(true),
+        )),
     }
 }
 
