@@ -1,14 +1,16 @@
 // The llama forward's glue on the GPU (everything but the projections, which are cuBLAS
 // GEMMs, and the attention, which is kernels/attention_bf16.cu). Row-major activations;
-// the residual stream x is f32 [L, hidden], GEMM inputs are bf16 (uint16 bit patterns).
-//   tca_embed:        x[t, :] = E[token[t], :] (E bf16 [vocab, hidden]).
-//   tca_rmsnorm:      y[t, :] = bf16(x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w).
+// the residual stream x is f32 [L, hidden], GEMM inputs are f16 and the attention's Q,
+// K, V, O bf16 (both as uint16 bit patterns).
+//   tca_embed:        x[t, :] = E[token[t], :] (E f16 [vocab, hidden]).
+//   tca_rmsnorm:      y[t, :] = f16(x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w).
 //   tca_rope_split:   qkv f32 [L, (Hq + 2 Hkv) d] (the fused Q|K|V projection) to Q
 //                     [Hq, L, d], K, V [Hkv, L, d] (bf16), rotating the adjacent pairs
 //                     (2i, 2i+1) of each Q and K head by the angle of (cos, sin)[t, i]
 //                     (llama.rs's convention for the GGUF-permuted rows); V is copied.
-//   tca_merge_heads:  O [H, L, d] to [L, H d] (bf16).
-//   tca_silu_mul:     gu f32 [L, 2 F] (gate | up) to bf16 silu(gate) * up [L, F].
+//   tca_merge_heads:  O [H, L, d] (bf16) to [L, H d] (f16; exact: bf16 values fit f16
+//                     unless beyond its range, which the caller's finite check reports).
+//   tca_silu_mul:     gu f32 [L, 2 F] (gate | up) to f16 silu(gate) * up [L, F].
 //   tca_count_nonfinite: adds the number of NaN/inf values of x[0..n) to *count.
 //   tca_row_nll:      per row i of a logits chunk (f32 [R, V]), target row r = r0 + i:
 //                     lse - logit[target[r]] (f64) and the arg-max (first index on ties).
@@ -25,6 +27,18 @@ __device__ __forceinline__ u16 f2bf(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (u16)(u >> 16);
+}
+
+// f32 to f16 (round to nearest even) and back, in PTX (NVRTC needs no header for it).
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
 }
 
 // Sum over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets it.
@@ -44,7 +58,7 @@ extern "C" __global__ void tca_embed(const u16* __restrict__ E, const u32* __res
                                      float* __restrict__ x, int hidden) {
     const size_t t = blockIdx.x;
     const u16* e = E + (size_t)tok[t] * hidden;
-    for (int j = threadIdx.x; j < hidden; j += blockDim.x) x[t * hidden + j] = bf2f(e[j]);
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) x[t * hidden + j] = h2f(e[j]);
 }
 
 extern "C" __global__ void tca_rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
@@ -55,7 +69,7 @@ extern "C" __global__ void tca_rmsnorm(const float* __restrict__ x, const float*
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) s += r[j] * r[j];
     s = block_sum(s);
     const float inv = 1.f / sqrtf(s / (float)hidden + eps);
-    for (int j = threadIdx.x; j < hidden; j += blockDim.x) y[t * hidden + j] = f2bf(r[j] * inv * w[j]);
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) y[t * hidden + j] = f2h(r[j] * inv * w[j]);
 }
 
 extern "C" __global__ void tca_rope_split(const float* __restrict__ qkv,
@@ -89,7 +103,7 @@ extern "C" __global__ void tca_merge_heads(const u16* __restrict__ O, u16* __res
     const size_t t = blockIdx.x;
     for (int c = threadIdx.x; c < H * d; c += blockDim.x) {
         const int h = c / d, j = c % d;
-        y[t * (size_t)H * d + c] = O[((size_t)h * L + t) * d + j];
+        y[t * (size_t)H * d + c] = f2h(bf2f(O[((size_t)h * L + t) * d + j]));
     }
 }
 
@@ -98,7 +112,7 @@ extern "C" __global__ void tca_silu_mul(const float* __restrict__ gu, u16* __res
     const float* g = gu + t * 2 * (size_t)F;
     for (int j = threadIdx.x; j < F; j += blockDim.x) {
         const float a = g[j];
-        y[t * F + j] = f2bf(a / (1.f + expf(-a)) * g[F + j]);
+        y[t * F + j] = f2h(a / (1.f + expf(-a)) * g[F + j]);
     }
 }
 

@@ -1,5 +1,5 @@
 //! The model forward on the GPU (feature `cuda`). The host-side pieces (GEMM argument
-//! layout, bf16 weight packing, the keep fraction and set difference) are tested on the
+//! layout, f16 weight packing, the keep fraction and set difference) are tested on the
 //! CPU; the forward itself against the CPU forward where a device is present (skipped,
 //! with a message, elsewhere).
 #![cfg(feature = "cuda")]
@@ -9,9 +9,8 @@ use std::sync::OnceLock;
 use ndarray::{Array2, ShapeBuilder};
 use tca::cli::model::{perplexity, AttentionKind, CalibrationArgs, PerplexityArgs};
 use tca::cuda::model::gemm::GemmShape;
-use tca::cuda::model::weights::{host_layer, stack_bf16};
+use tca::cuda::model::weights::{f32_to_f16, host_layer, stack_f16};
 use tca::cuda::model::{keep_fraction, sym_diff, GpuAttn, GpuModel};
-use tca::cuda::{bf16_to_f32, f32_to_bf16};
 use tca::model::sparse::{calibrate_model, SparsePolicy};
 use tca::model::{assets, Exact, Model};
 use tca::selection::key_set;
@@ -72,20 +71,21 @@ fn gemm_arguments_compute_x_times_w_transposed() {
 }
 
 #[test]
-fn stacked_bf16_weights_keep_row_order_whatever_the_layout() {
+fn stacked_f16_weights_keep_row_order_whatever_the_layout() {
     let a = mat(3, 4, 3);
     // The same values in column-major memory: the packing follows logical order.
     let mut b = Array2::<f32>::zeros((2, 4).f());
     b.assign(&mat(2, 4, 4));
-    let s = stack_bf16(&[&a, &b]).unwrap();
+    let s = stack_f16(&[&a, &b]).unwrap();
     assert_eq!(s.len(), 20);
     for (r, row) in a.rows().into_iter().chain(b.rows()).enumerate() {
         for (c, &v) in row.iter().enumerate() {
-            assert_eq!(s[r * 4 + c], f32_to_bf16(v), "row {r} col {c}");
-            assert!((bf16_to_f32(s[r * 4 + c]) - v).abs() <= v.abs() / 256.0);
+            assert_eq!(s[r * 4 + c], f32_to_f16(v), "row {r} col {c}");
+            let back = half::f16::from_bits(s[r * 4 + c]).to_f32();
+            assert!((back - v).abs() <= v.abs() / 2048.0 + 6e-8, "{v} -> {back}");
         }
     }
-    assert!(stack_bf16(&[&a, &mat(2, 3, 5)]).is_err());
+    assert!(stack_f16(&[&a, &mat(2, 3, 5)]).is_err());
 }
 
 #[test]
@@ -101,7 +101,7 @@ fn model_weights_pack_into_the_device_layout() {
     assert_eq!(h.w_down.len(), hid * c.ffn);
     // Q rows, then K, then V; gate rows, then up.
     let row = |v: &[u16], r: usize, n: usize| v[r * n..(r + 1) * n].to_vec();
-    let bf = |a: ndarray::ArrayView1<f32>| a.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<_>>();
+    let bf = |a: ndarray::ArrayView1<f32>| a.iter().map(|&x| f32_to_f16(x)).collect::<Vec<_>>();
     assert_eq!(row(&h.wqkv, 0, hid), bf(w.wq.row(0)));
     assert_eq!(row(&h.wqkv, hq * d, hid), bf(w.wk.row(0)));
     assert_eq!(row(&h.wqkv, (hq + hkv) * d + 5, hid), bf(w.wv.row(5)));

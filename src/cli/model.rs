@@ -278,7 +278,7 @@ pub struct CaptureArgs {
     /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Where the forward runs: cpu (f32) or cuda (bf16 weights and Q/K/V, f32
+    /// Where the forward runs: cpu (f32) or cuda (f16 weights, bf16 Q/K/V, f32
     /// accumulation; needs a `--features cuda` build and a GPU).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
@@ -305,7 +305,7 @@ pub struct PerplexityArgs {
     /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Where the forward runs: cpu (f32) or cuda (bf16 weights and Q/K/V, f32
+    /// Where the forward runs: cpu (f32) or cuda (f16 weights, bf16 Q/K/V, f32
     /// accumulation; exact and tca attention; needs a `--features cuda` build and a GPU).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
@@ -589,7 +589,7 @@ pub fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let s = &r.score;
     println!("model: {}", assets::MODEL_NAME);
     if args.backend == BackendKind::Cuda {
-        println!("backend: cuda (bf16 weights and Q/K/V, f32 accumulation)");
+        println!("backend: cuda (f16 weights, bf16 Q/K/V, f32 accumulation)");
     }
     println!("attention: {}", args.attention.name());
     if args.attention != AttentionKind::Exact {

@@ -3,8 +3,9 @@
 //! `x += Wdown (silu(Wgate n(x)) ⊙ Wup n(x))`; logits `Wout n(x)`.
 //!
 //! Precision: the residual stream x and every GEMM output are f32; GEMM inputs
-//! (weights, normed activations, attention output, the SiLU product) and Q, K, V are
-//! bf16. Everything stays on the device between the embedding and the per-row NLLs: the
+//! (weights, normed activations, attention output, the SiLU product) are f16 (see
+//! [`super::weights`] for why not bf16); Q, K, V and the attention output are bf16 (the
+//! attention kernels' format). Everything stays on the device between the embedding and the per-row NLLs: the
 //! projections write the fused `[L, (Hq + 2 Hkv) d]`, `tca_rope_split` writes the
 //! attention kernels' `[H, L, d]` [`DevHeads`] directly (no host round trip).
 //!
@@ -93,17 +94,17 @@ struct Work {
     sin: CudaSlice<f32>,
     /// Residual stream `[L, hidden]`.
     x: CudaSlice<f32>,
-    /// Normed x `[L, hidden]` (bf16).
+    /// Normed x `[L, hidden]` (f16).
     xn: CudaSlice<u16>,
     /// `[L, (Hq + 2 Hkv) d]`
     qkv: CudaSlice<f32>,
     heads: DevHeads,
     att: DevAttention,
-    /// Attention output `[L, Hq d]` (bf16).
+    /// Attention output `[L, Hq d]` (f16).
     merged: CudaSlice<u16>,
     /// gate|up `[L, 2 F]`
     gu: CudaSlice<f32>,
-    /// silu(gate) * up `[L, F]` (bf16).
+    /// silu(gate) * up `[L, F]` (f16).
     act: CudaSlice<u16>,
     /// Non-finite values of x after each layer.
     bad: CudaSlice<u32>,
@@ -111,7 +112,7 @@ struct Work {
     sels: Vec<Option<DevSelection>>,
 }
 
-/// The model on one GPU: weights (bf16) and a cuBLAS handle.
+/// The model on one GPU: weights (f16) and a cuBLAS handle.
 pub struct GpuModel {
     pub gpu: Gpu,
     blas: Blas,

@@ -1,5 +1,5 @@
-//! Projections through cuBLAS: `Y [n, out] (f32) = X [n, in] (bf16) · Wᵀ + beta Y` with
-//! `W [out, in]` (bf16, row-major, as the model stores it), f32 accumulation.
+//! Projections through cuBLAS: `Y [n, out] (f32) = X [n, in] (f16) · Wᵀ + beta Y` with
+//! `W [out, in]` (f16, row-major, as the model stores it), f32 accumulation.
 //!
 //! cuBLAS is column-major: a row-major `[r, c]` matrix is a column-major `c x r` one. So
 //! `Yᵀ (out x n) = op(A) · B` with `A` = W read as `in x out` (ld = in) transposed, and
@@ -88,7 +88,7 @@ impl Blas {
         Ok(Blas { handle, stream })
     }
 
-    /// `y = x · wᵀ + beta y` for x `[rows, inn]` bf16, w `[out, inn]` bf16, y `[rows, out]`
+    /// `y = x · wᵀ + beta y` for x `[rows, inn]` f16, w `[out, inn]` f16, y `[rows, out]`
     /// f32 (beta 0 or 1: overwrite, or accumulate into the residual stream).
     pub fn linear<X, W, Y>(
         &self,
@@ -132,10 +132,10 @@ impl Blas {
                 s.k as i32,
                 (&alpha) as *const f32 as *const _,
                 wp as *const _,
-                sys::cudaDataType_t::CUDA_R_16BF,
+                sys::cudaDataType_t::CUDA_R_16F,
                 s.lda as i32,
                 xp as *const _,
-                sys::cudaDataType_t::CUDA_R_16BF,
+                sys::cudaDataType_t::CUDA_R_16F,
                 s.ldb as i32,
                 (&beta) as *const f32 as *const _,
                 yp as *mut _,

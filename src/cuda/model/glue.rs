@@ -25,7 +25,7 @@ fn rows_u32(rows: usize, what: &str) -> GpuResult<u32> {
     Ok(rows as u32)
 }
 
-/// x[t, :] = E[tokens[t], :] (f32 from bf16); tokens are checked against the
+/// x[t, :] = E[tokens[t], :] (f32 from f16); tokens are checked against the
 /// vocabulary by the caller.
 pub fn embed(
     gpu: &Gpu,
@@ -51,7 +51,7 @@ pub fn embed(
     Ok(())
 }
 
-/// y = bf16(rmsnorm(x) * w), rows of `hidden`.
+/// y = f16(rmsnorm(x) * w), rows of `hidden`.
 pub fn rmsnorm(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
@@ -127,7 +127,7 @@ pub fn rope_split(
     Ok(())
 }
 
-/// O `[H, L, d]` to `[L, H d]` (bf16).
+/// O `[H, L, d]` (bf16) to `[L, H d]` (f16).
 pub fn merge_heads(
     gpu: &Gpu,
     o: &CudaSlice<u16>,
@@ -154,7 +154,7 @@ pub fn merge_heads(
     Ok(())
 }
 
-/// gate|up `[L, 2 F]` (f32) to bf16 silu(gate) * up `[L, F]`.
+/// gate|up `[L, 2 F]` (f32) to f16 silu(gate) * up `[L, F]`.
 pub fn silu_mul(
     gpu: &Gpu,
     gu: &CudaSlice<f32>,

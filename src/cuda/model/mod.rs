@@ -1,5 +1,5 @@
 //! The model forward on the GPU (SmolLM2 and other llama GGUFs): weights dequantised
-//! once and held in bf16 on the device ([`weights`]), projections through cuBLAS
+//! once and held in f16 on the device ([`weights`]; Q, K, V in bf16), projections through cuBLAS
 //! ([`gemm`]), the elementwise and row kernels of kernels/model.cu ([`glue`]), and the
 //! project's attention kernels, dense or TCA ([`forward`]). [`cli`] runs it for
 //! `tca perplexity --backend cuda` and `tca capture --backend cuda`.
