@@ -7,7 +7,8 @@
 # Inputs: bench/device-model-prep.sh's pieces, carried in three calls (the first two
 # run `bench/device-model.sh stage`, which only copies them to $STAGE), see that script.
 # Writes under $OUT: log.txt, check.csv, qkv_rel.csv, selection.csv, throughput.csv,
-# capture8k.csv, summary.txt. Exits non-zero when any check fails.
+# capture8k.csv, summary.txt. Exits non-zero when any check fails. Last, a
+# compute-sanitizer memcheck of short GPU forwards (exact and TCA) where it exists.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 STAGE=${STAGE:-/var/tmp/tca-model}
@@ -65,6 +66,17 @@ ppl() { sed -n 's/^perplexity: //p' "$1"; }
   timeout 60 "$TCA" capture --tokens "$CAP" --layers 0,15,29 --model "$GGUF" --backend cuda --out /tmp/cap_gpu.safetensors --force | tail -2; rc2=$?
   python3 "$HERE/bench/compare_capture.py" /tmp/cap_cpu.safetensors /tmp/cap_gpu.safetensors "$OUT/capture8k.csv" 0.01; rc3=$?
   check "capture at $CAP tokens: cuda vs cpu, rel. error <= 1e-2" $((rc1 + rc2 + rc3))
+  if command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck: tca perplexity --backend cuda, 300 tokens, exact and tca =="
+    for att in exact tca; do
+      timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
+        "$TCA" perplexity --tokens 300 --model "$GGUF" --backend cuda --attention $att \
+        --profile "$PROFILE" 2>&1 | grep -v "^\s*$" | tail -4
+      check "memcheck clean ($att)" $?
+    done
+  else
+    echo "compute-sanitizer not found: memcheck skipped"
+  fi
   echo "$fails" > /tmp/fails
 } 2>&1 | tee "$OUT/log.txt"
 fails=$(cat /tmp/fails 2>/dev/null || echo 1)
