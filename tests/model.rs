@@ -638,3 +638,41 @@ fn perplexity_cli_and_bad_input() {
     .unwrap_err();
     assert!(e.to_string().contains("layer 30"), "{e}");
 }
+
+/// `--backend cuda` in a build without the `cuda` feature: a clear error, no panic.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_backend_without_the_feature_is_a_clear_error() {
+    let _ = need_model!();
+    let dir = tempfile::tempdir().unwrap();
+    let e = perplexity(&PerplexityArgs {
+        text: None,
+        tokens: 16,
+        from: 0,
+        attention: AttentionKind::Exact,
+        calibration: CalibrationArgs {
+            config: None,
+            profile: None,
+            calib_offset: DEFAULT_CALIB_OFFSET,
+            calib_tokens: 2048,
+            calib_text: None,
+        },
+        model: None,
+        backend: BackendKind::Cuda,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("built without CUDA"), "{e}");
+    let out = dir.path().join("c.safetensors");
+    let e = run_capture(CaptureArgs {
+        text: None,
+        tokens: 8,
+        layers: "0".into(),
+        out: out.clone(),
+        force: false,
+        model: None,
+        backend: BackendKind::Cuda,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("built without CUDA"), "{e}");
+    assert!(!out.exists());
+}
