@@ -379,8 +379,9 @@ impl GpuModel {
         )?;
         let targets = g.upload(&tokens[first..])?;
         let n = tokens.len() - first;
-        let mut nll = g.alloc::<f64>(n)?;
-        let mut arg = g.alloc::<u32>(n)?;
+        // Poisoned: a row the kernel never wrote fails the checks below.
+        let mut nll = g.upload(&vec![f64::NAN; n])?;
+        let mut arg = g.upload(&vec![u32::MAX; n])?;
         let mut logits = g.alloc::<f32>(LOGIT_CHUNK.min(n) * c.vocab)?;
         for r0 in (0..n).step_by(LOGIT_CHUNK) {
             let rows = LOGIT_CHUNK.min(n - r0);
