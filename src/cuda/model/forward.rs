@@ -251,6 +251,13 @@ impl GpuModel {
             let nqkv = (hq + 2 * hkv) * d;
             self.blas
                 .linear(&w.xn, &lw.wqkv, &mut w.qkv, (l, nqkv, hid), 0.0, "Q|K|V")?;
+            if inspect.is_some() {
+                // Q, K, V go to the host in these runs: poisoned, so that a value the
+                // kernel did not write shows as non-finite there.
+                g.poison(&mut w.heads.q)?;
+                g.poison(&mut w.heads.k)?;
+                g.poison(&mut w.heads.v)?;
+            }
             glue::rope_split(
                 g,
                 &w.qkv,
