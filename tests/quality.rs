@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+use tca::backend::BackendKind;
 use tca::calibration::{HeadProfile, LayerProfile, ModelShape, Profile};
 use tca::cli::model::{
     calibration_tokens, perplexity, AttentionKind, CalibrationArgs, PerplexityArgs,
@@ -294,6 +295,7 @@ fn perplexity_cli_runs_tca_and_the_peers() {
             calib_text: None,
         },
         model: None,
+        backend: BackendKind::Cpu,
     };
     let exact = perplexity(&args).unwrap();
     for kind in [AttentionKind::Tca, AttentionKind::StreamingLlm] {

@@ -428,7 +428,7 @@ fn rms_norm(x: ArrayView2<f32>, w: &Array1<f32>, eps: f32) -> Array2<f32> {
 }
 
 /// cos and sin tables `[n_pos, d/2]` for positions `pos0 .. pos0 + n_pos`.
-fn rope_tables(pos0: usize, n_pos: usize, d: usize, base: f64) -> (Array2<f32>, Array2<f32>) {
+pub fn rope_tables(pos0: usize, n_pos: usize, d: usize, base: f64) -> (Array2<f32>, Array2<f32>) {
     let half = d / 2;
     let inv: Vec<f64> = (0..half)
         .map(|i| base.powf(-2.0 * i as f64 / d as f64))
@@ -566,7 +566,9 @@ impl Llama {
         })
     }
 
-    fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
+    /// Checks that `tokens` is non-empty, in the vocabulary, and that `tokens.len() +
+    /// extra` fits the context.
+    pub fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(TcaError::Invalid("no tokens to run".into()));
         }
@@ -891,4 +893,49 @@ pub fn argmax(x: ndarray::ArrayView1<f32>) -> u32 {
         }
     }
     best.1 as u32
+}
+
+/// One layer's weights, borrowed (matrices `[out, in]`, row-major), for other backends.
+pub struct LayerWeights<'a> {
+    pub attn_norm: &'a Array1<f32>,
+    pub wq: &'a Array2<f32>,
+    pub wk: &'a Array2<f32>,
+    pub wv: &'a Array2<f32>,
+    pub wo: &'a Array2<f32>,
+    pub ffn_norm: &'a Array1<f32>,
+    pub w_gate: &'a Array2<f32>,
+    pub w_up: &'a Array2<f32>,
+    pub w_down: &'a Array2<f32>,
+}
+
+impl Llama {
+    /// The weights of layer `i` (`None` past the last layer).
+    pub fn layer_weights(&self, i: usize) -> Option<LayerWeights<'_>> {
+        self.layers.get(i).map(|l| LayerWeights {
+            attn_norm: &l.attn_norm,
+            wq: &l.wq,
+            wk: &l.wk,
+            wv: &l.wv,
+            wo: &l.wo,
+            ffn_norm: &l.ffn_norm,
+            w_gate: &l.w_gate,
+            w_up: &l.w_up,
+            w_down: &l.w_down,
+        })
+    }
+
+    /// The token embedding `[vocab, hidden]`.
+    pub fn token_embedding(&self) -> &Array2<f32> {
+        &self.tok_embd
+    }
+
+    /// The final RMSNorm's weight `[hidden]`.
+    pub fn output_norm(&self) -> &Array1<f32> {
+        &self.out_norm
+    }
+
+    /// The output head `[vocab, hidden]` (the token embedding when tied).
+    pub fn output_head(&self) -> &Array2<f32> {
+        self.output_matrix()
+    }
 }
