@@ -209,6 +209,9 @@ extern "C" __global__ void __launch_bounds__(1024) tca_rank_budget(
     for (int j = tid; j < nb; j += nt) {
         const float hj = hs[j];
         int r = 0;
+        // Not unrolled: an unrolled, vectorised read of hs ran past nb at nb = 1
+        // (compute-sanitizer, 2026-11-29).
+#pragma unroll 1
         for (int i = 0; i < nb; i++) {
             const float hi = hs[i];
             r += (hi > hj) || (hi == hj && i < j);
