@@ -42,26 +42,42 @@ impl KeySets for RandomSets {
 /// Every query: gamma (audit, dense) <= gamma_hat (certificate), same order and sizes.
 fn covers(audits: &[QueryAudit], certs: &[Certificate]) -> std::result::Result<(), String> {
     if audits.len() != certs.len() {
-        return Err(format!("{} audits, {} certificates", audits.len(), certs.len()));
+        return Err(format!(
+            "{} audits, {} certificates",
+            audits.len(),
+            certs.len()
+        ));
     }
     for (a, c) in audits.iter().zip(certs) {
         if (a.head, a.query, a.kept) != (c.head, c.query, c.kept) {
             return Err(format!("order: {a:?} vs {c:?}"));
         }
         if a.gamma > c.gamma_hat || c.gamma_hat.is_nan() {
-            return Err(format!("gamma {} > gamma_hat {} at {c:?}", a.gamma, c.gamma_hat));
+            return Err(format!(
+                "gamma {} > gamma_hat {} at {c:?}",
+                a.gamma, c.gamma_hat
+            ));
         }
     }
     Ok(())
 }
 
-/// Every bound and chunk size in {1, 2, 3, b, 7}.
+/// The box, the ball and their minimum at chunk sizes {1, 2, 3, b, 7}, the rotated
+/// bounds at s = b, with and without the held keys summarised apart.
 fn check_all(heads: &Heads, sel: &dyn KeySets, b: usize) -> std::result::Result<(), String> {
     let audits = audit(heads, sel).map_err(|e| e.to_string())?;
+    let mut runs: Vec<(BoundKind, usize)> = Vec::new();
     for s in [1, 2, 3, b, 7] {
-        for kind in BoundKind::ALL {
-            let certs = certify(heads, sel, kind, s).map_err(|e| e.to_string())?;
-            covers(&audits, &certs).map_err(|e| format!("{kind:?}, s = {s}: {e}"))?;
+        runs.extend([BoundKind::Box, BoundKind::Ball, BoundKind::Min].map(|k| (k, s)));
+    }
+    runs.extend([BoundKind::PcaBox, BoundKind::PcaMin].map(|k| (k, b)));
+    for (kind, s) in runs {
+        let certs = certify(heads, sel, kind, s).map_err(|e| e.to_string())?;
+        covers(&audits, &certs).map_err(|e| format!("{kind:?}, s = {s}: {e}"))?;
+        if s == b {
+            let plain = Certifier::new(heads, kind, s).and_then(|c| c.all(sel));
+            covers(&audits, &plain.map_err(|e| e.to_string())?)
+                .map_err(|e| format!("{kind:?}, s = {s}, nothing held: {e}"))?;
         }
     }
     Ok(())
@@ -76,7 +92,9 @@ fn box_tight(heads: &Heads, s: usize, big: f64) -> Heads {
     let mut k = k.clone();
     let (hkv, l, d) = k.dim();
     for kv in 0..hkv {
-        let qlast = q.slice(ndarray::s![kv * heads.group(), l - 1, ..]).to_owned();
+        let qlast = q
+            .slice(ndarray::s![kv * heads.group(), l - 1, ..])
+            .to_owned();
         for t in 0..l.div_ceil(s) {
             for j in t * s..((t + 1) * s).min(l) {
                 for c in 0..d {
@@ -141,7 +159,7 @@ proptest! {
         (heads, cfg, budgets) in common::case(), s in 1usize..=6,
     ) {
         let tca = select(&heads, &cfg, &budgets).unwrap();
-        let certifier = Certifier::new(&heads, BoundKind::Min, s).unwrap();
+        let certifier = Certifier::for_key_sets(&heads, BoundKind::Min, s, &tca).unwrap();
         let wide = CertifiedTau::new(&certifier, &tca, cfg.tau).unwrap();
         for h in 0..heads.num_q_heads() {
             for i in 0..heads.len() {
@@ -184,7 +202,11 @@ fn small_config() -> Config {
 
 /// Queries where gamma > gamma_hat.
 fn violations(audits: &[QueryAudit], certs: &[Certificate]) -> usize {
-    audits.iter().zip(certs).filter(|(a, c)| a.gamma > c.gamma_hat).count()
+    audits
+        .iter()
+        .zip(certs)
+        .filter(|(a, c)| a.gamma > c.gamma_hat)
+        .count()
 }
 
 /// The centroid alone (q . c) is no upper bound on a chunk's logits: by Jensen,
@@ -206,7 +228,10 @@ fn a_wrong_bound_is_caught() {
         let heads = synthetic(kind, 256);
         let prof = tca::calibration::calibrate(&heads, &cfg, 0).unwrap();
         let tca = select(&heads, &cfg, &prof.budgets(0).unwrap()).unwrap();
-        let streaming = StreamingLlm { tca: &tca, sinks: 16 };
+        let streaming = StreamingLlm {
+            tca: &tca,
+            sinks: 16,
+        };
         let wrong = Certifier::with_bound(&heads, &centroid, 16).unwrap();
         let mut caught = 0;
         for sel in [&tca as &dyn KeySets, &streaming] {
@@ -221,11 +246,14 @@ fn a_wrong_bound_is_caught() {
         report.push((kind.name(), caught));
     }
     eprintln!("queries where the centroid bound fails (of 2 x 1024 per head type): {report:?}");
-    assert!(report.iter().all(|r| r.1 > 0), "the centroid bound passed somewhere: {report:?}");
+    assert!(
+        report.iter().all(|r| r.1 > 0),
+        "the centroid bound passed somewhere: {report:?}"
+    );
 }
 
-/// The minimum is never looser than the box or the ball; box bounds of sub-chunks are
-/// never looser than the box of the chunk they refine.
+/// The minimum is never looser than the box or the ball; box bounds of sub-chunks, and
+/// of a chunk without its held keys, are never looser than the chunk's box.
 #[test]
 fn the_minimum_and_finer_chunks_are_tighter() {
     let cfg = small_config();
@@ -233,7 +261,11 @@ fn the_minimum_and_finer_chunks_are_tighter() {
     let prof = tca::calibration::calibrate(&heads, &cfg, 0).unwrap();
     let tca = select(&heads, &cfg, &prof.budgets(0).unwrap()).unwrap();
     let by = |k, s| certify(&heads, &tca, k, s).unwrap();
-    let (bx, bl, mn) = (by(BoundKind::Box, 16), by(BoundKind::Ball, 16), by(BoundKind::Min, 16));
+    let (bx, bl, mn) = (
+        by(BoundKind::Box, 16),
+        by(BoundKind::Ball, 16),
+        by(BoundKind::Min, 16),
+    );
     // Box bounds of sub-chunks are each below the chunk's box.
     let fine = by(BoundKind::Box, 4);
     let mut tighter = 0;
@@ -243,6 +275,25 @@ fn the_minimum_and_finer_chunks_are_tighter() {
         tighter += usize::from(fine[n].gamma_hat < bx[n].gamma_hat);
     }
     assert!(tighter > 0, "sub-chunks never tightened the box");
+    // Held keys summarised apart: the box over a chunk's other keys is inside the
+    // chunk's box, so the certificate only tightens (strictly, for the sink head).
+    let heads = synthetic(tca::data::HeadKind::Sink, 256);
+    let prof = tca::calibration::calibrate(&heads, &cfg, 0).unwrap();
+    let tca = select(&heads, &cfg, &prof.budgets(0).unwrap()).unwrap();
+    let plain = Certifier::new(&heads, BoundKind::Box, 16)
+        .unwrap()
+        .all(&tca)
+        .unwrap();
+    let held = certify(&heads, &tca, BoundKind::Box, 16).unwrap();
+    let mut tighter = 0;
+    for (p, h) in plain.iter().zip(&held) {
+        assert!(h.gamma_hat <= p.gamma_hat * (1.0 + 1e-12), "{h:?} vs {p:?}");
+        tighter += usize::from(h.gamma_hat < 0.5 * p.gamma_hat);
+    }
+    assert!(
+        tighter > held.len() / 4,
+        "held keys tightened only {tighter} queries"
+    );
 }
 
 /// Bad input: chunk size 0, key sets of another shape, key sets out of order, and the
@@ -250,10 +301,24 @@ fn the_minimum_and_finer_chunks_are_tighter() {
 #[test]
 fn bad_input_is_an_error() {
     let heads = synthetic(tca::data::HeadKind::Uniform, 32);
-    let all = RandomSets { shape: (heads.num_q_heads(), heads.len()), seed: 1, keep: 0.5 };
-    assert!(matches!(certify(&heads, &all, BoundKind::Min, 0), Err(TcaError::Invalid(_))));
-    let other = RandomSets { shape: (heads.num_q_heads(), 31), seed: 1, keep: 0.5 };
-    assert!(matches!(certify(&heads, &other, BoundKind::Min, 4), Err(TcaError::Shape(_))));
+    let all = RandomSets {
+        shape: (heads.num_q_heads(), heads.len()),
+        seed: 1,
+        keep: 0.5,
+    };
+    assert!(matches!(
+        certify(&heads, &all, BoundKind::Min, 0),
+        Err(TcaError::Invalid(_))
+    ));
+    let other = RandomSets {
+        shape: (heads.num_q_heads(), 31),
+        seed: 1,
+        keep: 0.5,
+    };
+    assert!(matches!(
+        certify(&heads, &other, BoundKind::Min, 4),
+        Err(TcaError::Shape(_))
+    ));
     struct Backwards;
     impl KeySets for Backwards {
         fn shape(&self) -> (usize, usize) {
@@ -270,10 +335,24 @@ fn bad_input_is_an_error() {
     let cfg = Config::from_toml_str("certified_tau = true\ncertificate_block = 32").unwrap();
     assert!(cfg.certified_tau && cfg.certificate_block == 32);
     assert!(!Config::default().certified_tau);
-    let tca = select(&heads, &small_config(), &[tca::selection::Budget::full(16).unwrap(), tca::selection::Budget::full(16).unwrap()]).unwrap();
+    let tca = select(
+        &heads,
+        &small_config(),
+        &[
+            tca::selection::Budget::full(16).unwrap(),
+            tca::selection::Budget::full(16).unwrap(),
+        ],
+    )
+    .unwrap();
     let c = Certifier::new(&heads, BoundKind::Min, 4).unwrap();
-    assert!(matches!(CertifiedTau::new(&c, &tca, 0.0), Err(TcaError::Config(_))));
-    assert!(matches!(CertifiedTau::new(&c, &tca, f64::NAN), Err(TcaError::Config(_))));
+    assert!(matches!(
+        CertifiedTau::new(&c, &tca, 0.0),
+        Err(TcaError::Config(_))
+    ));
+    assert!(matches!(
+        CertifiedTau::new(&c, &tca, f64::NAN),
+        Err(TcaError::Config(_))
+    ));
 }
 
 /// Real heads: layers 0, 14 and 29 of SmolLM2 captured on 384 tokens of the novel,

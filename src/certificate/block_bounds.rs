@@ -8,12 +8,14 @@
 //! - ball: centroid c = mean_j k_j, radius r = max_j ||k_j - c||_2;
 //!   q . k_j = q . c + q . (k_j - c) <= q . c + ||q||_2 r (Cauchy-Schwarz; true for any
 //!   c, so the rounding of the computed centroid does not matter);
-//! - their minimum.
+//! - their minimum;
+//! - the box, or the minimum, in the principal axes of the KV head's keys
+//!   ([`super::rotation`]).
 //!
 //! Every bound returned is inflated by an absolute rounding slack (see [`SLACK`]), so
 //! it also bounds the f64 logits any standard summation computes for the block's keys.
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 /// Which bound on a block's largest logit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -25,27 +27,58 @@ pub enum BoundKind {
     Ball,
     /// min(box, ball).
     Min,
+    /// The box in the KV head's principal axes ([`super::rotation::Rotation`]).
+    PcaBox,
+    /// min(box, ball), both in the principal axes.
+    PcaMin,
 }
 
 impl BoundKind {
-    pub const ALL: [BoundKind; 3] = [BoundKind::Box, BoundKind::Ball, BoundKind::Min];
+    pub const ALL: [BoundKind; 5] = [
+        BoundKind::Box,
+        BoundKind::Ball,
+        BoundKind::Min,
+        BoundKind::PcaBox,
+        BoundKind::PcaMin,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             BoundKind::Box => "box",
             BoundKind::Ball => "ball",
             BoundKind::Min => "min",
+            BoundKind::PcaBox => "pca_box",
+            BoundKind::PcaMin => "pca_min",
+        }
+    }
+
+    /// Whether the bound works in the principal axes of the keys.
+    pub fn rotated(self) -> bool {
+        matches!(self, BoundKind::PcaBox | BoundKind::PcaMin)
+    }
+
+    /// The bound applied to the (rotated, if [`BoundKind::rotated`]) summaries.
+    pub fn base(self) -> BoundKind {
+        match self {
+            BoundKind::PcaBox => BoundKind::Box,
+            BoundKind::PcaMin => BoundKind::Min,
+            k => k,
         }
     }
 
     /// Multiply-adds of one evaluation over d dimensions: the box takes two products
-    /// per dimension, the ball one, the minimum both; the slack adds one.
+    /// per dimension, the ball one, the minimum both; the slacks add one each.
     pub fn macs(self, d: usize) -> usize {
-        match self {
-            BoundKind::Box => 2 * d + 1,
+        match self.base() {
+            BoundKind::Box => 2 * d + 1 + usize::from(self.rotated()),
             BoundKind::Ball => d + 2,
-            BoundKind::Min => 3 * d + 2,
+            _ => 3 * d + 2 + usize::from(self.rotated()),
         }
+    }
+
+    /// Multiply-adds once per query: ||q|| (d), and V^T q (d^2) when rotated.
+    pub fn query_macs(self, d: usize) -> usize {
+        d + if self.rotated() { d * d } else { 0 }
     }
 }
 
@@ -75,12 +108,20 @@ pub struct BlockSummaries {
     radius: Vec<f64>,
     /// ||a||_2, a_c = max(|lo_c|, |hi_c|).
     amax_norm: Vec<f64>,
+    /// max_j ||k_j||_2 over the chunk (of the keys before any rotation).
+    key_norm: Vec<f64>,
 }
 
 impl BlockSummaries {
     /// Summaries of `k` [L, d] in chunks of `size` >= 1 (the last may be partial):
     /// O(L d) time, O(L d / s) memory.
     pub fn new(k: ArrayView2<'_, f64>, size: usize) -> Self {
+        Self::new_masked(k, size, None)
+    }
+
+    /// As [`BlockSummaries::new`], over the keys j with `skip[j]` false only (a chunk
+    /// whose keys are all skipped has an empty box and must not be bounded).
+    pub fn new_masked(k: ArrayView2<'_, f64>, size: usize, skip: Option<&[bool]>) -> Self {
         let size = size.max(1);
         let (len, d) = k.dim();
         let n = len.div_ceil(size);
@@ -89,22 +130,29 @@ impl BlockSummaries {
         let mut centroid = Array2::zeros((n, d));
         let mut radius = vec![0.0; n];
         let mut amax_norm = vec![0.0; n];
+        let mut key_norm = vec![0.0; n];
         for t in 0..n {
-            let rows = k.slice(ndarray::s![t * size..((t + 1) * size).min(len), ..]);
+            let idx: Vec<usize> = (t * size..((t + 1) * size).min(len))
+                .filter(|&j| !skip.is_some_and(|m| m[j]))
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
             let (mut l, mut h, mut c) = (lo.row_mut(t), hi.row_mut(t), centroid.row_mut(t));
-            for r in rows.axis_iter(Axis(0)) {
+            for &j in &idx {
+                let r = k.row(j);
                 for x in 0..d {
                     l[x] = l[x].min(r[x]);
                     h[x] = h[x].max(r[x]);
                 }
+                c += &r;
+                key_norm[t] = f64::max(key_norm[t], r.dot(&r).sqrt());
             }
-            if let Some(m) = rows.mean_axis(Axis(0)) {
-                c.assign(&m);
-            }
-            radius[t] = rows
-                .axis_iter(Axis(0))
-                .map(|r| {
-                    let diff = &r - &c;
+            c /= idx.len() as f64;
+            radius[t] = idx
+                .iter()
+                .map(|&j| {
+                    let diff = &k.row(j) - &c;
                     diff.dot(&diff).sqrt()
                 })
                 .fold(0.0, f64::max);
@@ -126,7 +174,26 @@ impl BlockSummaries {
             centroid,
             radius,
             amax_norm,
+            key_norm,
         }
+    }
+
+    /// Replaces max_j ||k_j||_2 per chunk by that of `k` [L, d] over the same keys (the
+    /// unrotated keys when the summaries were made from rotated ones).
+    pub fn set_key_norms(&mut self, k: ArrayView2<'_, f64>, skip: Option<&[bool]>) {
+        self.key_norm = (0..self.num_blocks())
+            .map(|t| {
+                self.range(t)
+                    .filter(|&j| !skip.is_some_and(|m| m[j]))
+                    .map(|j| k.row(j).dot(&k.row(j)).sqrt())
+                    .fold(0.0, f64::max)
+            })
+            .collect();
+    }
+
+    /// max_j ||k_j||_2 over chunk t.
+    pub fn key_norm(&self, t: usize) -> f64 {
+        self.key_norm[t]
     }
 
     /// Sub-block size s.
@@ -150,7 +217,8 @@ impl BlockSummaries {
     }
 
     /// An upper bound on max_{j in block t} of the f64 logit q . k_j * `scale` (exact or
-    /// as computed): the bound of `kind` plus the rounding slack. `qnorm` = ||q||_2.
+    /// as computed): the bound of `kind` (its [`BoundKind::base`]: the caller rotates
+    /// q and the keys) plus the rounding slack. `qnorm` = ||q||_2.
     pub fn logit_bound(
         &self,
         t: usize,
@@ -167,10 +235,10 @@ impl BlockSummaries {
                 .sum::<f64>()
         };
         let ball = || q.dot(&self.centroid.row(t)) + qnorm * self.radius[t];
-        let raw = match kind {
+        let raw = match kind.base() {
             BoundKind::Box => boxed(),
             BoundKind::Ball => ball(),
-            BoundKind::Min => boxed().min(ball()),
+            _ => boxed().min(ball()),
         };
         let d = q.len() as f64;
         scale * (raw + SLACK * (d + 4.0) * qnorm * self.amax_norm[t])
@@ -184,7 +252,13 @@ mod tests {
 
     #[test]
     fn bounds_cover_every_key_and_the_box_is_exact_on_one_key() {
-        let k = array![[1.0, -2.0], [0.5, 3.0], [-1.0, 0.0], [2.0, 2.0], [0.0, -1.0]];
+        let k = array![
+            [1.0, -2.0],
+            [0.5, 3.0],
+            [-1.0, 0.0],
+            [2.0, 2.0],
+            [0.0, -1.0]
+        ];
         let s = BlockSummaries::new(k.view(), 2);
         assert_eq!(s.num_blocks(), 3);
         assert_eq!(s.range(2), 4..5);

@@ -64,7 +64,11 @@ impl<'a> CertifiedTau<'a> {
                     return Ok(Vec::new());
                 }
                 // Largest mass bound first (ties: lower chunk).
-                blocks.sort_by(|a, b| b.log_mass.total_cmp(&a.log_mass).then(a.block.cmp(&b.block)));
+                blocks.sort_by(|a, b| {
+                    b.log_mass
+                        .total_cmp(&a.log_mass)
+                        .then(a.block.cmp(&b.block))
+                });
                 // suffix[k]: ln of U over the chunks not yet added after adding k.
                 let mut suffix = vec![f64::NEG_INFINITY; blocks.len() + 1];
                 for k in (0..blocks.len()).rev() {
@@ -85,10 +89,12 @@ impl<'a> CertifiedTau<'a> {
                 // every certificate, decides: widen further while it exceeds the target
                 // (rounding of the incremental sums may differ in the last bits).
                 loop {
-                    let mut chosen: Vec<u32> = blocks[..take].iter().map(|b| b.block as u32).collect();
+                    let mut chosen: Vec<u32> =
+                        blocks[..take].iter().map(|b| b.block as u32).collect();
                     chosen.sort_unstable();
                     let widened = merge(&keys, &chosen, sub_block, i);
-                    if take == blocks.len() || certifier.query(h, i, &widened)?.gamma_hat <= target {
+                    if take == blocks.len() || certifier.query(h, i, &widened)?.gamma_hat <= target
+                    {
                         return Ok(chosen);
                     }
                     take += 1;

@@ -14,6 +14,7 @@
 //! O(d) per chunk with an omitted key, instead of O(i d).
 
 use super::block_bounds::{BlockSummaries, BoundKind};
+use super::rotation::Rotation;
 use crate::data::Heads;
 use crate::error::{Result, TcaError};
 use crate::reference::softmax::scores;
@@ -110,40 +111,120 @@ pub struct OmittedBlock {
     pub log_mass: f64,
 }
 
+/// One KV head's summaries: over all keys of each chunk and, where some keys are
+/// held (kept by every query that sees them under the key sets the certifier was made
+/// for, e.g. TCA's S_G), over the chunk's other keys.
+struct HeadSummaries {
+    full: BlockSummaries,
+    /// Summaries over the keys not held; None when no key is held.
+    rest: Option<BlockSummaries>,
+    held: Vec<bool>,
+    /// held_prefix[j]: held keys in [0, j).
+    held_prefix: Vec<usize>,
+    rotation: Option<Rotation>,
+}
+
 /// Block summaries of every KV head of a layer and the bound that reads them: certifies
 /// any key sets over that layer.
+///
+/// Heavy hitters: a chunk's bound covers all its keys, so one kept key with a large logit
+/// (an attention sink) would be charged to every omitted key of its chunk. A certifier
+/// made for key sets ([`Certifier::for_key_sets`]) therefore also summarises each chunk
+/// without the keys the last query of every query head of the group keeps (for TCA:
+/// S_G and the last window), and bounds a chunk by those summaries whenever none of
+/// the chunk's held keys is omitted at the query; otherwise by the full chunk. Either
+/// way every omitted key is covered, whatever the key sets certified.
 pub struct Certifier<'a> {
     heads: &'a Heads,
-    summaries: Vec<BlockSummaries>,
+    kv: Vec<HeadSummaries>,
     bound: Bound<'a>,
 }
 
 impl<'a> Certifier<'a> {
-    /// Summaries in chunks of `sub_block` >= 1 for every KV head of `heads`: O(L d Hkv).
+    /// Summaries in chunks of `sub_block` >= 1 for every KV head of `heads`: O(L d Hkv)
+    /// (plus O(L d^2) per KV head for a rotated bound).
     pub fn new(heads: &'a Heads, kind: BoundKind, sub_block: usize) -> Result<Self> {
-        Self::build(heads, Bound::Kind(kind), sub_block)
+        Self::build(heads, Bound::Kind(kind), sub_block, None)
+    }
+
+    /// As [`Certifier::new`], with the keys held by `sel` summarised apart (see the type
+    /// docs); `sel` must be made for `heads`.
+    pub fn for_key_sets(
+        heads: &'a Heads,
+        kind: BoundKind,
+        sub_block: usize,
+        sel: &dyn KeySets,
+    ) -> Result<Self> {
+        check_shape(heads, sel)?;
+        let l = heads.len();
+        let held = (0..heads.num_kv_heads())
+            .map(|kv| {
+                let mut count = vec![0usize; l];
+                let hs = heads.q_heads_of(kv);
+                let n = hs.len();
+                for h in hs {
+                    for j in sel.keys(h, l - 1) {
+                        if j < l {
+                            count[j] += 1;
+                        }
+                    }
+                }
+                count.into_iter().map(|c| c == n).collect()
+            })
+            .collect();
+        Self::build(heads, Bound::Kind(kind), sub_block, Some(held))
     }
 
     /// With a bound of the caller's (no soundness is assumed or checked here).
     pub fn with_bound(heads: &'a Heads, bound: &'a BoundFn, sub_block: usize) -> Result<Self> {
-        Self::build(heads, Bound::Custom(bound), sub_block)
+        Self::build(heads, Bound::Custom(bound), sub_block, None)
     }
 
-    fn build(heads: &'a Heads, bound: Bound<'a>, sub_block: usize) -> Result<Self> {
+    fn build(
+        heads: &'a Heads,
+        bound: Bound<'a>,
+        sub_block: usize,
+        held: Option<Vec<Vec<bool>>>,
+    ) -> Result<Self> {
         if sub_block == 0 {
             return Err(TcaError::Invalid(
                 "certificate sub-block size must be at least 1".into(),
             ));
         }
-        let summaries = (0..heads.num_kv_heads())
+        let rotated = matches!(bound, Bound::Kind(k) if k.rotated());
+        let l = heads.len();
+        let kv = (0..heads.num_kv_heads())
             .into_par_iter()
-            .map(|kv| BlockSummaries::new(heads.k(kv), sub_block))
+            .map(|kv| {
+                let k = heads.k(kv);
+                let held_kv = held.as_ref().map(|h| h[kv].clone());
+                let rotation = rotated.then(|| Rotation::principal_axes(k));
+                let rk = rotation.as_ref().map(|r| r.rotate_rows(k));
+                let keys = rk.as_ref().map_or(k, |x| x.view());
+                let make = |skip: Option<&[bool]>| {
+                    let mut s = BlockSummaries::new_masked(keys, sub_block, skip);
+                    if rotation.is_some() {
+                        s.set_key_norms(k, skip);
+                    }
+                    s
+                };
+                let any_held = held_kv.as_ref().is_some_and(|h| h.iter().any(|&x| x));
+                let rest = any_held.then(|| make(held_kv.as_deref()));
+                let held_v = held_kv.unwrap_or_else(|| vec![false; l]);
+                let mut held_prefix = vec![0usize; l + 1];
+                for j in 0..l {
+                    held_prefix[j + 1] = held_prefix[j] + usize::from(held_v[j]);
+                }
+                HeadSummaries {
+                    full: make(None),
+                    rest,
+                    held: held_v,
+                    held_prefix,
+                    rotation,
+                }
+            })
             .collect();
-        Ok(Certifier {
-            heads,
-            summaries,
-            bound,
-        })
+        Ok(Certifier { heads, kv, bound })
     }
 
     /// The layer this certifier reads.
@@ -151,17 +232,18 @@ impl<'a> Certifier<'a> {
         self.heads
     }
 
-    /// The summaries of KV head `kv`.
+    /// The summaries over all keys of KV head `kv`.
     pub fn summaries(&self, kv: usize) -> &BlockSummaries {
-        &self.summaries[kv]
+        &self.kv[kv].full
     }
 
     /// Query i's chunks with visible omitted keys under `keys` (ascending, unique,
     /// within [0, i]; an error otherwise), each with ln n_t + ub_t.
     pub fn omitted_blocks(&self, h: usize, i: usize, keys: &[usize]) -> Result<Vec<OmittedBlock>> {
-        let sums = &self.summaries[self.heads.kv_of(h)];
-        let s = sums.size();
+        let hs = &self.kv[self.heads.kv_of(h)];
+        let s = hs.full.size();
         let mut kept = vec![0usize; i / s + 1];
+        let mut kept_held = vec![0usize; i / s + 1];
         let mut prev: Option<usize> = None;
         for &j in keys {
             if j > i || prev.is_some_and(|p| p >= j) {
@@ -171,20 +253,38 @@ impl<'a> Certifier<'a> {
             }
             prev = Some(j);
             kept[j / s] += 1;
+            kept_held[j / s] += usize::from(hs.held[j]);
         }
         let q = self.heads.q(h);
         let q = q.row(i);
         let qnorm = q.dot(&q).sqrt();
         let scale = self.heads.scale();
+        // In the principal axes: V^T q, and the rotation's allowance per chunk.
+        let rot = hs.rotation.as_ref();
+        let qr = rot.map(|r| r.rotate(q));
+        let (qb, qbnorm) = match &qr {
+            Some(x) => (x.view(), x.dot(x).sqrt()),
+            None => (q, qnorm),
+        };
         Ok(kept
             .iter()
+            .zip(&kept_held)
             .enumerate()
-            .filter_map(|(t, &k)| {
-                let visible = sums.range(t).end.min(i + 1) - t * s;
-                let omitted = visible - k;
+            .filter_map(|(t, (&k, &kh))| {
+                let (start, end) = (t * s, ((t + 1) * s).min(i + 1));
+                let omitted = end - start - k;
+                let held_omitted = hs.held_prefix[end] - hs.held_prefix[start] - kh;
+                // Every omitted key is outside the held set: the rest summary covers them.
+                let sums = match &hs.rest {
+                    Some(r) if held_omitted == 0 => r,
+                    _ => &hs.full,
+                };
                 (omitted > 0).then(|| {
                     let ub = match &self.bound {
-                        Bound::Kind(kind) => sums.logit_bound(t, q, qnorm, scale, *kind),
+                        Bound::Kind(kind) => {
+                            sums.logit_bound(t, qb, qbnorm, scale, *kind)
+                                + rot.map_or(0.0, |r| scale * r.eps() * qnorm * sums.key_norm(t))
+                        }
                         Bound::Custom(f) => f(sums, t, q, qnorm, scale),
                     };
                     OmittedBlock {
@@ -261,7 +361,7 @@ pub fn certify(
     kind: BoundKind,
     sub_block: usize,
 ) -> Result<Vec<Certificate>> {
-    Certifier::new(heads, kind, sub_block)?.all(sel)
+    Certifier::for_key_sets(heads, kind, sub_block, sel)?.all(sel)
 }
 
 #[cfg(test)]

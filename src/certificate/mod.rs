@@ -11,6 +11,7 @@
 pub mod block_bounds;
 pub mod certified;
 pub mod certify;
+pub mod rotation;
 
 pub use block_bounds::{BlockSummaries, BoundKind};
 pub use certified::CertifiedTau;

@@ -115,7 +115,9 @@ impl SparsePolicy {
         };
         // Certified-tau mode widens TCA's key sets per query head (crate::certificate).
         let certifier = (self.policy == Policy::Tca && self.config.certified_tau)
-            .then(|| Certifier::new(heads, BoundKind::Min, self.config.certificate_block))
+            .then(|| {
+                Certifier::for_key_sets(heads, BoundKind::Min, self.config.certificate_block, &tca)
+            })
             .transpose()?;
         let certified = certifier
             .as_ref()
