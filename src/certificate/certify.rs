@@ -87,7 +87,7 @@ pub fn gamma_hat(lse_in: f64, lse_out: f64, len: usize) -> f64 {
 /// log sum_n exp(x_n) (-inf for none).
 pub fn log_sum_exp(x: impl Iterator<Item = f64> + Clone) -> f64 {
     let m = x.clone().fold(f64::NEG_INFINITY, f64::max);
-    if m == f64::NEG_INFINITY || m == f64::INFINITY {
+    if m.is_infinite() {
         return m;
     }
     m + x.map(|v| (v - m).exp()).sum::<f64>().ln()
@@ -319,10 +319,24 @@ impl<'a> Certifier<'a> {
         i: usize,
         keys: &[usize],
     ) -> Result<(Certificate, Vec<OmittedBlock>)> {
-        let blocks = self.omitted_blocks(h, i, keys)?;
         let a = self.logits(h, i, keys.iter().copied());
         let max_in = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse_in = log_sum_exp(a.iter().copied());
+        self.from_sparse_pass(h, i, keys, max_in, log_sum_exp(a.iter().copied()))
+    }
+
+    /// The certificate from what a sparse pass over `keys` already has: its running max
+    /// m_i and its log-sum-exp lse_in = m_i + ln Z_in (computed exactly as
+    /// [`log_sum_exp`] of the kept logits for the f64 guarantee); only the omitted
+    /// chunks' bounds are evaluated here.
+    pub fn from_sparse_pass(
+        &self,
+        h: usize,
+        i: usize,
+        keys: &[usize],
+        max_in: f64,
+        lse_in: f64,
+    ) -> Result<(Certificate, Vec<OmittedBlock>)> {
+        let blocks = self.omitted_blocks(h, i, keys)?;
         let lse_out = log_sum_exp(blocks.iter().map(|b| b.log_mass));
         let cert = Certificate {
             head: h,
