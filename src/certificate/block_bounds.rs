@@ -262,8 +262,8 @@ mod tests {
         let s = BlockSummaries::new(k.view(), 2);
         assert_eq!(s.num_blocks(), 3);
         assert_eq!(s.range(2), 4..5);
-        let q = array![0.7, -1.3];
-        let qn = q.dot(&q).sqrt();
+        let q = array![0.7f64, -1.3];
+        let qn: f64 = q.dot(&q).sqrt();
         for t in 0..3 {
             let best = s
                 .range(t)
