@@ -34,26 +34,28 @@ use std::time::Instant;
 /// Points drawn per panel and chunk size, at most.
 const MAX_POINTS: usize = 600;
 
-/// The bound drawn in the figure.
-const DRAWN: BoundKind = BoundKind::PcaMin;
+/// The bound drawn in the figure: the minimum in principal axes on synthetic heads, the
+/// minimum on real layers (see [`variants`]).
+fn drawn(l: &Layer) -> BoundKind {
+    match l.kind {
+        Some(_) => BoundKind::PcaMin,
+        None => BoundKind::Min,
+    }
+}
 
 /// (bound, chunk size) pairs measured: the minimum and the minimum in principal axes at
 /// s = b, 32, 16, and the box, the ball and the principal-axes box alone at s = b. On
-/// real layers (30 of them, to keep `tca reproduce` short) the principal axes only at
-/// the smallest s: on SmolLM2 they change nothing (docs/theorem.md).
+/// real layers (30 of them, to keep `tca reproduce` short) the minimum at each s only:
+/// there the others change nothing (docs/theorem.md; `docs/certificate/` holds a run
+/// with every variant on every layer).
 fn variants(b: usize, real: bool) -> Vec<(BoundKind, usize)> {
     let sizes: Vec<usize> = std::iter::once(b)
         .chain([32, 16].into_iter().filter(|&s| s < b))
         .collect();
     let mut v: Vec<(BoundKind, usize)> = sizes.iter().map(|&s| (BoundKind::Min, s)).collect();
-    if real {
-        v.push((BoundKind::PcaMin, *sizes.last().unwrap_or(&b)));
-    } else {
-        v.extend(sizes.iter().map(|&s| (BoundKind::PcaMin, s)));
-    }
-    v.extend([BoundKind::Box, BoundKind::Ball].map(|k| (k, b)));
     if !real {
-        v.push((BoundKind::PcaBox, b));
+        v.extend(sizes.iter().map(|&s| (BoundKind::PcaMin, s)));
+        v.extend([BoundKind::Box, BoundKind::Ball, BoundKind::PcaBox].map(|k| (k, b)));
     }
     v
 }
@@ -265,7 +267,7 @@ type Points = Vec<(usize, f64, f64)>;
 
 struct Scatter {
     title: String,
-    panels: Vec<(String, Points, usize, usize)>,
+    panels: Vec<(String, BoundKind, Points, usize, usize)>,
     sizes: Vec<usize>,
 }
 
@@ -277,7 +279,7 @@ impl Figure for Scatter {
         let root = root.titled(&self.title, font(17)).map_err(de)?;
         let cols = 3;
         let rows = self.panels.len().div_ceil(cols).max(1);
-        for (area, (name, pts, viol, total)) in
+        for (area, (name, kind, pts, viol, total)) in
             root.split_evenly((rows, cols)).iter().zip(&self.panels)
         {
             let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
@@ -319,7 +321,7 @@ impl Figure for Scatter {
                             .map(|p| Circle::new((p.1, p.2.max(lo)), 2, c.mix(0.5).filled())),
                     )
                     .map_err(de)?
-                    .label(format!("{} bound, s = {s}", DRAWN.name()))
+                    .label(format!("{} bound, s = {s}", kind.name()))
                     .legend(move |(x, y)| Circle::new((x + 6, y), 4, c.filled()));
             }
             chart
@@ -358,7 +360,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let n_real = ctx.real.len().max(1);
     let mut rows = Rows::default();
     let mut pools: Vec<(String, BoundKind, usize, Stats)> = Vec::new();
-    let mut panels: Vec<(String, Points)> = Vec::new();
+    let mut panels: Vec<(String, BoundKind, Points)> = Vec::new();
     let mut all_sizes: Vec<usize> = Vec::new();
     let pb = progress(pairs.len(), "certificate tightness");
     for (l, e) in &pairs {
@@ -404,7 +406,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     pools.push((ty.clone(), kind, s, p));
                 }
             }
-            if kind == DRAWN {
+            if kind == drawn(l) {
                 if !all_sizes.contains(&s) {
                     all_sizes.push(s);
                 }
@@ -417,8 +419,8 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     .into_iter()
                     .map(|(g, gh)| (s, g, gh));
                 match panels.iter_mut().find(|p| p.0 == ty) {
-                    Some(p) => p.1.extend(pts),
-                    None => panels.push((ty.clone(), pts.collect())),
+                    Some(p) => p.2.extend(pts),
+                    None => panels.push((ty.clone(), kind, pts.collect())),
                 }
             }
             rows.push((&l.source, &l.label, &ty), kind, s, &mut st);
@@ -429,10 +431,10 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     // Per panel: violations and (query, s) pairs of the minimum bound.
     let totals: Vec<(usize, usize)> = panels
         .iter()
-        .map(|(name, _)| {
+        .map(|(name, kind, _)| {
             pools
                 .iter()
-                .filter(|p| &p.0 == name && p.1 == DRAWN)
+                .filter(|p| &p.0 == name && p.1 == *kind)
                 .fold((0, 0), |(v, n), p| (v + p.3.violations, n + p.3.queries))
         })
         .collect();
@@ -451,7 +453,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
 
     let pstem = ctx.stem("certificate_points");
     let (mut ty, mut ss, mut g, mut gh) = (vec![], vec![], vec![], vec![]);
-    for (name, pts) in &panels {
+    for (name, _, pts) in &panels {
         for &(s, a, b) in pts {
             ty.push(name.clone());
             ss.push(s as u32);
@@ -474,7 +476,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
         panels: panels
             .into_iter()
             .zip(totals)
-            .map(|((n, p), (v, t))| (n, p, v, t))
+            .map(|((n, k, p), (v, t))| (n, k, p, v, t))
             .collect(),
         sizes: all_sizes,
     };
