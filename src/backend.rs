@@ -2,7 +2,8 @@
 //!
 //! [`Backend::audit_layer`] is the one entry the CLI uses: select S_G, run sparse and
 //! exact attention and audit Theorem 1. On the CPU that is [`crate::bound::audit`] over
-//! [`crate::selection::select`]. On the GPU the selection, the sparse prefill and the
+//! [`crate::selection::select`], with the certificate's gamma_hat beside every gamma
+//! ([`crate::certificate`]). On the GPU the selection, the sparse prefill and the
 //! dense prefill (bf16 with f32 accumulation, with their log-sum-exps) run on the
 //! device on the inputs rounded to bf16, and two audits are made: the verdict, against
 //! the f64 oracle on the same rounded inputs (the exact row P_i, gamma_i from the GPU's
@@ -11,7 +12,8 @@
 //! (its dense output and log-sum-exps against its sparse ones) on every row, which an
 //! error common to both kernels could not fail.
 
-use crate::bound::{audit, AuditContext, QueryAudit};
+use crate::bound::{attach_certificates, audit, AuditContext, QueryAudit};
+use crate::certificate::{certify, BoundKind, CertifiedTau, Certifier};
 use crate::error::{Result, TcaError};
 use crate::selection::{select, Budget};
 use crate::{Config, Heads};
@@ -107,7 +109,28 @@ impl Backend {
                 // The oracle audits every row; `rows` only thins the GPU's oracle audit.
                 let _ = rows;
                 let sel = select(heads, cfg, budgets)?;
-                let audits = audit(heads, &sel)?;
+                let kind = BoundKind::PcaMin;
+                let (mut audits, certs) = if cfg.certified_tau {
+                    // Certified-tau mode: TCA's sets widened per query until
+                    // gamma_hat <= 1 - tau (docs/theorem.md, "Certified-tau mode").
+                    let c = Certifier::for_key_sets(
+                        heads,
+                        BoundKind::Min,
+                        cfg.certificate_block,
+                        &sel,
+                    )?;
+                    let wide = CertifiedTau::new(&c, &sel, cfg.tau)?;
+                    (
+                        audit(heads, &wide)?,
+                        certify(heads, &wide, kind, cfg.certificate_block)?,
+                    )
+                } else {
+                    (
+                        audit(heads, &sel)?,
+                        certify(heads, &sel, kind, cfg.certificate_block)?,
+                    )
+                };
+                attach_certificates(&mut audits, &certs)?;
                 Ok(LayerAudit {
                     global: sel.heads.into_iter().map(|h| h.global).collect(),
                     audits,

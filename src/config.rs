@@ -54,6 +54,13 @@ pub struct Config {
     pub gqa_reduce: GqaReduce,
     /// m >= 1 last queries pooled for the importance.
     pub importance_queries: usize,
+    /// Certified-tau mode (beyond the paper, off by default): per query, after TCA's
+    /// selection, add omitted chunks of `certificate_block` keys in decreasing order of
+    /// their bounded mass until the certificate reads gamma_hat_i <= 1 - tau
+    /// ([`crate::certificate::CertifiedTau`]), so gamma_i <= 1 - tau at every query.
+    pub certified_tau: bool,
+    /// Chunk size s >= 1 of the certificate's block score bounds.
+    pub certificate_block: usize,
 }
 
 impl Default for Config {
@@ -69,6 +76,8 @@ impl Default for Config {
             mass_norm: MassNorm::None,
             gqa_reduce: GqaReduce::Mean,
             importance_queries: 1,
+            certified_tau: false,
+            certificate_block: 16,
         }
     }
 }
@@ -97,6 +106,9 @@ impl Config {
         }
         if self.importance_queries == 0 {
             return bad("importance_queries must be at least 1".into());
+        }
+        if self.certificate_block == 0 {
+            return bad("certificate_block (s) must be at least 1".into());
         }
         Ok(())
     }

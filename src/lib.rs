@@ -3,13 +3,15 @@
 //! Layout: [`reference`] (exact f64 attention, the oracle), [`selection`] (online
 //! core-context selection and sparse attention), [`calibration`] (offline head-specific
 //! budgets), [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each
-//! reading), [`data`] (inputs), [`config`] (the TOML configuration). The method, in the
+//! reading), [`certificate`] (an upper bound on gamma_i without the dense pass),
+//! [`data`] (inputs), [`config`] (the TOML configuration). The method, in the
 //! project's words, with every reading of the paper and its configuration key:
 //! docs/algorithm.md.
 
 pub mod backend;
 pub mod bound;
 pub mod calibration;
+pub mod certificate;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "cuda")]

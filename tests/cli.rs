@@ -146,6 +146,13 @@ fn calibrate_bound_and_decode_run() {
         assert!(r["witness"]["lhs"].is_number(), "{key}: {r}");
     }
     assert!(summary["frac_gamma_above_1_minus_tau"].is_number());
+    // The certificate bounds gamma at every query, without the dense pass.
+    let g = &summary["readings"]["gamma_le_gamma_hat"];
+    assert_eq!(
+        (g["holds"].as_bool(), g["measured"].as_u64()),
+        (Some(true), Some(800)),
+        "{g}"
+    );
     // The profile was calibrated on this very input: an in-sample audit.
     assert_eq!(summary["context"]["in_sample"], true);
     // Without a profile the input calibrates itself.

@@ -295,7 +295,7 @@ fn select<'py>(
 }
 
 /// The per-query fields of [`QueryAudit`] returned as [Hq, L] arrays.
-const QUERY_FIELDS: [&str; 14] = [
+const QUERY_FIELDS: [&str; 15] = [
     "gamma",
     "kept",
     "err_l1",
@@ -310,6 +310,7 @@ const QUERY_FIELDS: [&str; 14] = [
     "allow_l2",
     "allow_identity",
     "gamma_allowance",
+    "gamma_hat",
 ];
 
 fn query_field(a: &QueryAudit, name: &str) -> f64 {
@@ -327,6 +328,7 @@ fn query_field(a: &QueryAudit, name: &str) -> f64 {
         "allow_l2" => a.allow_l2,
         "allow_identity" => a.allow_identity,
         "gamma_allowance" => a.gamma_allowance,
+        "gamma_hat" => a.gamma_hat.unwrap_or(f64::NAN),
         // NaN where not measured (never on the CPU oracle).
         _ => a.identity_residual.unwrap_or(f64::NAN),
     }

@@ -64,6 +64,9 @@ pub struct QueryAudit {
     pub gamma_allowance: f64,
     /// Every output, log-sum-exp and error entry at this query is finite.
     pub finite: bool,
+    /// The certificate's gamma_hat_i >= gamma_i from the kept logits and per-chunk key
+    /// bounds alone (docs/theorem.md, "The certificate"); `None` where not computed.
+    pub gamma_hat: Option<f64>,
 }
 
 impl QueryAudit {
@@ -329,6 +332,7 @@ pub fn audit_row(
         allow_identity: allow_linf,
         gamma_allowance: TOL,
         finite,
+        gamma_hat: None,
     })
 }
 
@@ -426,7 +430,33 @@ pub fn audit_outputs(
                 allow_identity: allow_linf,
                 gamma_allowance,
                 finite,
+                gamma_hat: None,
             }
         })
         .collect())
+}
+
+/// Sets `gamma_hat` of each audit (in order h L + i over all rows) from the
+/// certificate of the same key sets (`tca::certificate`).
+pub fn attach_certificates(
+    audits: &mut [QueryAudit],
+    certs: &[crate::certificate::Certificate],
+) -> Result<()> {
+    if audits.len() != certs.len() {
+        return Err(TcaError::Shape(format!(
+            "{} certificates for {} audited queries",
+            certs.len(),
+            audits.len()
+        )));
+    }
+    for (a, c) in audits.iter_mut().zip(certs) {
+        if (a.head, a.query) != (c.head, c.query) {
+            return Err(TcaError::Shape(format!(
+                "certificate of ({}, {}) for the audit of ({}, {})",
+                c.head, c.query, a.head, a.query
+            )));
+        }
+        a.gamma_hat = Some(c.gamma_hat);
+    }
+    Ok(())
 }

@@ -26,16 +26,20 @@ pub enum Reading {
     L2Diameter,
     /// gamma_i <= 1 - tau (the corollary; calibration enforces it on average only).
     GammaTau,
+    /// gamma_i <= gamma_hat_i: the certificate bounds the omitted mass without the
+    /// dense pass (a theorem; gamma_hat is rounded up by the certificate itself).
+    GammaHat,
 }
 
 impl Reading {
-    pub const ALL: [Reading; 6] = [
+    pub const ALL: [Reading; 7] = [
         Reading::Identity,
         Reading::LinfEntrymax,
         Reading::L1Entrymax,
         Reading::L1Induced,
         Reading::L2Diameter,
         Reading::GammaTau,
+        Reading::GammaHat,
     ];
 
     /// The key used in summary.json.
@@ -47,6 +51,7 @@ impl Reading {
             Reading::L1Induced => "l1_induced",
             Reading::L2Diameter => "l2_diameter",
             Reading::GammaTau => "gamma_le_1_minus_tau",
+            Reading::GammaHat => "gamma_le_gamma_hat",
         }
     }
 
@@ -59,6 +64,7 @@ impl Reading {
             Reading::L1Induced => "||e_i||_1 <= 2 gamma_i max_j ||v_j||_1",
             Reading::L2Diameter => "||e_i||_2 <= gamma_i diam_2(V)",
             Reading::GammaTau => "gamma_i <= 1 - tau",
+            Reading::GammaHat => "gamma_i <= gamma_hat_i (certificate)",
         }
     }
 
@@ -84,6 +90,7 @@ impl Reading {
             Reading::L1Induced => (a.err_l1, 2.0 * a.gamma * one, a.allow_l1 + 2.0 * g * one),
             Reading::L2Diameter => (a.err_l2, a.gamma * a.vdiam_l2, a.allow_l2 + g * a.vdiam_l2),
             Reading::GammaTau => (a.gamma, 1.0 - tau, g),
+            Reading::GammaHat => (a.gamma, a.gamma_hat.unwrap_or(f64::NAN), 0.0),
         }
     }
 
@@ -94,10 +101,14 @@ impl Reading {
         a.finite && lhs <= rhs + tol
     }
 
-    /// Whether the audit measures this reading (only the identity can be unmeasured,
-    /// in an audit made from two outputs alone).
+    /// Whether the audit measures this reading (the identity is not in an audit made
+    /// from two outputs alone; gamma <= gamma_hat only where the certificate was made).
     pub fn measured_at(self, a: &QueryAudit) -> bool {
-        self != Reading::Identity || a.identity_residual.is_some()
+        match self {
+            Reading::Identity => a.identity_residual.is_some(),
+            Reading::GammaHat => a.gamma_hat.is_some(),
+            _ => true,
+        }
     }
 
     /// Whether the check had power at this query: the allowance is below half the bound,
@@ -108,6 +119,8 @@ impl Reading {
         let (_, rhs, tol) = self.sides(a, tau);
         match self {
             Reading::Identity => tol < a.gamma * a.vmax_abs,
+            // Exact comparison: any gamma above gamma_hat fails it.
+            Reading::GammaHat => true,
             _ => tol < 0.5 * rhs,
         }
     }

@@ -36,16 +36,20 @@ pub enum AttentionKind {
     BlockTopk,
     /// Smallest set of the last query's importance reaching tau (own budget).
     CumulativeThreshold,
+    /// TCA in certified-tau mode (`certified_tau = true`): TCA's sets widened per query
+    /// until the certificate reads gamma_hat_i <= 1 - tau.
+    TcaCertified,
 }
 
 impl AttentionKind {
-    pub const ALL: [AttentionKind; 6] = [
+    pub const ALL: [AttentionKind; 7] = [
         AttentionKind::Exact,
         AttentionKind::Tca,
         AttentionKind::OracleTopk,
         AttentionKind::StreamingLlm,
         AttentionKind::BlockTopk,
         AttentionKind::CumulativeThreshold,
+        AttentionKind::TcaCertified,
     ];
 
     /// The selection policy, `None` for exact attention.
@@ -57,11 +61,24 @@ impl AttentionKind {
             AttentionKind::StreamingLlm => Some(Policy::StreamingLlm),
             AttentionKind::BlockTopk => Some(Policy::BlockTopK),
             AttentionKind::CumulativeThreshold => Some(Policy::CumulativeThreshold),
+            AttentionKind::TcaCertified => Some(Policy::Tca),
         }
     }
 
     pub fn name(self) -> &'static str {
-        self.policy().map_or("exact", Policy::name)
+        match self {
+            AttentionKind::TcaCertified => "tca_certified",
+            _ => self.policy().map_or("exact", Policy::name),
+        }
+    }
+
+    /// `cfg` as this attention runs it: certified-tau mode switched on for
+    /// [`AttentionKind::TcaCertified`], unchanged otherwise.
+    pub fn config(self, cfg: &Config) -> Config {
+        Config {
+            certified_tau: cfg.certified_tau || self == AttentionKind::TcaCertified,
+            ..cfg.clone()
+        }
     }
 }
 
@@ -178,7 +195,7 @@ pub fn make_policy(
             let prof = profile.ok_or_else(|| {
                 TcaError::Invalid(format!("attention {} needs a profile", kind.name()))
             })?;
-            Ok(Box::new(SparsePolicy::new(p, cfg.clone(), prof)?))
+            Ok(Box::new(SparsePolicy::new(p, kind.config(cfg), prof)?))
         }
     }
 }

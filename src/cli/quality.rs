@@ -229,7 +229,7 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
                 (exact.clone(), 1.0, exact_s)
             } else {
                 let i = taus.iter().position(|&x| x == tau).unwrap_or(0);
-                let c = Config { tau, ..cfg.clone() };
+                let c = kind.config(&Config { tau, ..cfg.clone() });
                 let pol = SparsePolicy::new(
                     kind.policy().unwrap_or(Policy::Tca),
                     c,
@@ -440,10 +440,10 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
             }
             for (kind, full_decode, ti) in runs {
                 let t = Instant::now();
-                let cfg = Config {
+                let cfg = kind.config(&Config {
                     tau: taus[ti],
                     ..cfg.clone()
-                };
+                });
                 let profile = profiles.get(ti).cloned();
                 let (out, keep) = match kind.policy() {
                     Some(Policy::Tca) if !full_decode => {

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The columns of queries.csv, in order: everything needed to recompute each verdict
-/// (`Reading::sides`); identity_residual is empty where not measured.
-pub const QUERY_COLUMNS: &str = "head,query,gamma,kept,err_l1,err_linf,err_l2,vmax_abs,vrow_l1_max,vdiam_l2,identity_residual,allow_linf,allow_l1,allow_l2,allow_identity,gamma_allowance,finite";
+/// (`Reading::sides`); identity_residual and gamma_hat are empty where not measured.
+pub const QUERY_COLUMNS: &str = "head,query,gamma,kept,err_l1,err_linf,err_l2,vmax_abs,vrow_l1_max,vdiam_l2,identity_residual,allow_linf,allow_l1,allow_l2,allow_identity,gamma_allowance,finite,gamma_hat";
 
 /// queries.csv text: one row per audited (query head, query).
 pub fn queries_csv(audits: &[QueryAudit]) -> String {
@@ -18,7 +18,7 @@ pub fn queries_csv(audits: &[QueryAudit]) -> String {
     for a in audits {
         let _ = writeln!(
             s,
-            "{},{},{:e},{},{:e},{:e},{:e},{:e},{:e},{:e},{},{:e},{:e},{:e},{:e},{:e},{}",
+            "{},{},{:e},{},{:e},{:e},{:e},{:e},{:e},{:e},{},{:e},{:e},{:e},{:e},{:e},{},{}",
             a.head,
             a.query,
             a.gamma,
@@ -37,7 +37,8 @@ pub fn queries_csv(audits: &[QueryAudit]) -> String {
             a.allow_l2,
             a.allow_identity,
             a.gamma_allowance,
-            a.finite
+            a.finite,
+            a.gamma_hat.map(|g| format!("{g:e}")).unwrap_or_default()
         );
     }
     s

@@ -6,6 +6,7 @@
 //! from a model (`--capture caps.safetensors` with tensors `layer{N}.q/k/v`).
 
 pub mod bounds;
+pub mod certificate;
 pub mod fig1;
 pub mod fig3;
 pub mod fig4;
@@ -302,11 +303,12 @@ pub fn progress(n: usize, what: &str) -> ProgressBar {
 pub type Experiment = fn(&Context) -> Result<Vec<PathBuf>>;
 
 /// Every experiment by binary name, in the order `tca reproduce` runs them.
-pub const EXPERIMENTS: [(&str, Experiment); 7] = [
+pub const EXPERIMENTS: [(&str, Experiment); 8] = [
     ("fig1_attention", fig1::run),
     ("fig3_overhead", fig3::run),
     ("fig5_model", fig5_model::run),
     ("bound_figures", bounds::run),
+    ("certificate_tightness", certificate::run),
     ("peer_policies", peers::run),
     ("fig5_tau", fig5::run),
     ("fig4_ablations", fig4::run),

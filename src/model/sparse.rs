@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::attention::{attend_key_sets, to_heads, AttentionPolicy, Exact};
 use super::llama::{argmax, DecodeAttention, Llama, QkvHook};
 use crate::calibration::{calibrate_layer, LayerProfile, ModelShape, Profile};
+use crate::certificate::{BoundKind, CertifiedTau, Certifier};
 use crate::config::Config;
 use crate::data::Heads;
 use crate::decode::KvCache as HeadCache;
@@ -44,7 +45,8 @@ pub struct LayerUse {
     /// Mean over (query head, query) of |S_i| / (i + 1).
     pub keep_fraction: f64,
     /// |S_G| per KV head (the peer's own global set for block top-k and the
-    /// cumulative threshold; TCA's for the others, whose budget is TCA's per query).
+    /// cumulative threshold; TCA's for the others, whose budget is TCA's per query, and
+    /// for certified-tau mode, which widens TCA's sets per query).
     pub global_tokens: Vec<usize>,
 }
 
@@ -111,27 +113,45 @@ impl SparsePolicy {
             Policy::CumulativeThreshold => Some(cumulative_threshold(&tca, self.config.tau)),
             _ => None,
         };
-        let keys: Box<dyn KeySets + '_> = match (self.policy, &own) {
-            (_, Some(sel)) => Box::new(sel.clone()),
-            (Policy::OracleTopK, None) => Box::new(OracleTopK { heads, tca: &tca }),
-            (Policy::StreamingLlm, None) => Box::new(StreamingLlm {
+        // Certified-tau mode widens TCA's key sets per query head (crate::certificate).
+        let certifier = (self.policy == Policy::Tca && self.config.certified_tau)
+            .then(|| {
+                Certifier::for_key_sets(heads, BoundKind::Min, self.config.certificate_block, &tca)
+            })
+            .transpose()?;
+        let certified = certifier
+            .as_ref()
+            .map(|c| CertifiedTau::new(c, &tca, self.config.tau))
+            .transpose()?;
+        let keys: Box<dyn KeySets + '_> = match (self.policy, &own, certified) {
+            (_, Some(sel), _) => Box::new(sel.clone()),
+            (Policy::OracleTopK, None, _) => Box::new(OracleTopK { heads, tca: &tca }),
+            (Policy::StreamingLlm, None, _) => Box::new(StreamingLlm {
                 tca: &tca,
                 sinks: self.sinks,
             }),
+            (_, _, Some(c)) => Box::new(c),
             _ => Box::new(tca.clone()),
         };
         let (q, k, v) = qkv;
         let o = attend_key_sets(q, k, v, keys.as_ref(), Exact::default().block)?;
-        drop(keys);
         let counted = own.as_ref().unwrap_or(&tca);
         let l = heads.len();
         let g = heads.group();
         let mut frac = 0.0;
-        for kv in 0..heads.num_kv_heads() {
-            for i in 0..l {
-                frac += g as f64 * counted.kept(kv, i) as f64 / (i + 1) as f64;
+        if certifier.is_some() {
+            frac = (0..heads.num_q_heads() * l)
+                .into_par_iter()
+                .map(|n| keys.keys(n / l, n % l).len() as f64 / (n % l + 1) as f64)
+                .sum::<f64>();
+        } else {
+            for kv in 0..heads.num_kv_heads() {
+                for i in 0..l {
+                    frac += g as f64 * counted.kept(kv, i) as f64 / (i + 1) as f64;
+                }
             }
         }
+        drop(keys);
         let usage = LayerUse {
             layer,
             keep_fraction: frac / (heads.num_q_heads() * l) as f64,

@@ -76,6 +76,7 @@ pub fn any_config() -> impl Strategy<Value = Config> {
             mass_norm: if mn { MassNorm::None } else { MassNorm::Max },
             gqa_reduce: if gq { GqaReduce::Mean } else { GqaReduce::Max },
             importance_queries: iq,
+            ..Config::default()
         })
 }
 
