@@ -1,7 +1,8 @@
 //! `tca capture` and `tca perplexity`: the real model (SmolLM2-135M-Instruct) on a text.
 //!
 //! Both read a text (default: the embedded *Pride and Prejudice*), tokenise it, and
-//! take its first `--tokens` tokens. The model is `--model PATH`, or
+//! take its first `--tokens` tokens. The model is `--model PATH` (a GGUF file or a
+//! Hugging Face folder, see `crate::model::hf`), or
 //! `SmolLM2-135M-Instruct.Q4_1.gguf` in the cache folder (`$TCA_CACHE`, else
 //! `./cache`, filled by `scripts/fetch-assets`).
 
@@ -154,7 +155,7 @@ pub fn calibration_tokens(
         )));
     }
     let text = assets::read_text(text)?;
-    let tokens = model.tokenizer.encode(&text);
+    let tokens = model.tokenizer.encode(&text)?;
     let end = offset.saturating_add(n);
     if end > tokens.len() {
         return Err(TcaError::Invalid(format!(
@@ -203,7 +204,8 @@ pub struct CalibrateModelArgs {
     /// Replace `--out` if it exists.
     #[arg(long)]
     pub force: bool,
-    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -256,6 +258,40 @@ pub fn run_calibrate_model(a: CalibrateModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// Arguments of `tca export-hf`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportHfArgs {
+    /// Output folder: config.json, model.safetensors (f32), tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace those files if they exist.
+    #[arg(long)]
+    pub force: bool,
+    /// Model to export: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// `tca export-hf`: write the model as a Hugging Face folder (f32 weights as loaded,
+/// q/k rows in Hugging Face's order), loadable with `--model DIR`.
+pub fn run_export_hf(a: ExportHfArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    crate::model::hf::export(&model, &a.out, a.force)?;
+    let c = &model.llama.config;
+    println!(
+        "wrote {} ({}: {} layers, hidden {}, vocab {}, f32) in {:.1} s",
+        a.out.display(),
+        model.name,
+        c.n_layers,
+        c.hidden,
+        c.vocab,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Arguments of `tca capture`.
 #[derive(Debug, Clone, Args)]
 pub struct CaptureArgs {
@@ -274,7 +310,8 @@ pub struct CaptureArgs {
     /// Overwrite `--out` if it exists.
     #[arg(long)]
     pub force: bool,
-    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -297,7 +334,8 @@ pub struct PerplexityArgs {
     pub attention: AttentionKind,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
-    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -368,7 +406,7 @@ fn load_inputs(
             model.llama.config.context
         )));
     }
-    let mut tokens = model.tokenizer.encode(&text);
+    let mut tokens = model.tokenizer.encode(&text)?;
     let total = tokens.len();
     if n > total {
         return Err(TcaError::Invalid(format!(
@@ -415,7 +453,7 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
     }
     let layer_list = format_layers(&layers);
     let meta = HashMap::from([
-        ("model".to_string(), assets::MODEL_NAME.to_string()),
+        ("model".to_string(), model.name.clone()),
         ("layers".to_string(), layer_list.clone()),
         ("tokens".to_string(), tokens.len().to_string()),
         (
@@ -455,6 +493,8 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
 /// The outcome of `tca perplexity`.
 #[derive(Debug, Clone)]
 pub struct PerplexityReport {
+    /// The model's name.
+    pub model: String,
     pub tokens: usize,
     pub text_tokens: usize,
     pub score: Score,
@@ -493,6 +533,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     };
     let t3 = Instant::now();
     Ok(PerplexityReport {
+        model: model.name.clone(),
         tokens: tokens.len(),
         text_tokens: total,
         score,
@@ -507,7 +548,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
 pub fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let r = perplexity(&args)?;
     let s = &r.score;
-    println!("model: {}", assets::MODEL_NAME);
+    println!("model: {}", r.model);
     println!("attention: {}", args.attention.name());
     if args.attention != AttentionKind::Exact {
         let cfg = args.calibration.config()?;
