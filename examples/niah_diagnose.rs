@@ -35,7 +35,10 @@ fn main() -> tca::Result<()> {
     let number = needle_number(7, len, depth);
     let prompt = niah_prompt(&model, &hay, len, depth, number)?;
     let is_digit = |p: usize| {
-        let s = model.tokenizer.decode(&prompt[p..p + 1]).unwrap_or_default();
+        let s = model
+            .tokenizer
+            .decode(&prompt[p..p + 1])
+            .unwrap_or_default();
         s.len() == 1 && s.chars().all(|c| c.is_ascii_digit())
     };
     let region = len.saturating_sub(cfg.window);

@@ -14,8 +14,8 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use tca::cli::model::{
-    perplexity, run_calibrate_model, run_capture, run_export_hf, AttentionKind,
-    CalibrateModelArgs, CalibrationArgs, CaptureArgs, ExportHfArgs, PerplexityArgs,
+    perplexity, run_calibrate_model, run_capture, run_export_hf, AttentionKind, CalibrateModelArgs,
+    CalibrationArgs, CaptureArgs, ExportHfArgs, PerplexityArgs,
 };
 use tca::cli::quality::{run_quality_heads, run_quality_ppl, QualityHeadsArgs, QualityPplArgs};
 use tca::model::{assets, Exact, KvCache, Model};
@@ -84,24 +84,30 @@ fn smollm2_export_runs_like_the_gguf() {
     assert_eq!(config["rope_theta"], 100000.0);
     assert_eq!(config["rms_norm_eps"], 1e-5);
     {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.names().len(), 2 + 30 * 9);
-    let q0 = st.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
-    assert_eq!((q0.dtype(), q0.shape()), (Dtype::F32, &[576usize, 576][..]));
-    // Row h*64 + 32 + i of HF's q is row h*64 + 2i + 1 of the GGUF's.
-    let g = tca::model::GgufFile::open(&gguf).unwrap();
-    let (_, gq) = g.tensor_f32("blk.0.attn_q.weight").unwrap();
-    let row = |data: &[u8], r: usize| -> Vec<f32> {
-        data[r * 576 * 4..(r + 1) * 576 * 4]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
-    for (h, i) in [(0, 0), (3, 5), (8, 31)] {
-        assert_eq!(row(q0.data(), h * 64 + 32 + i), gq[(h * 64 + 2 * i + 1) * 576..][..576]);
-        assert_eq!(row(q0.data(), h * 64 + i), gq[(h * 64 + 2 * i) * 576..][..576]);
-    }
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.names().len(), 2 + 30 * 9);
+        let q0 = st.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+        assert_eq!((q0.dtype(), q0.shape()), (Dtype::F32, &[576usize, 576][..]));
+        // Row h*64 + 32 + i of HF's q is row h*64 + 2i + 1 of the GGUF's.
+        let g = tca::model::GgufFile::open(&gguf).unwrap();
+        let (_, gq) = g.tensor_f32("blk.0.attn_q.weight").unwrap();
+        let row = |data: &[u8], r: usize| -> Vec<f32> {
+            data[r * 576 * 4..(r + 1) * 576 * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        for (h, i) in [(0, 0), (3, 5), (8, 31)] {
+            assert_eq!(
+                row(q0.data(), h * 64 + 32 + i),
+                gq[(h * 64 + 2 * i + 1) * 576..][..576]
+            );
+            assert_eq!(
+                row(q0.data(), h * 64 + i),
+                gq[(h * 64 + 2 * i) * 576..][..576]
+            );
+        }
     }
 
     let a = Model::load(&gguf).unwrap();
@@ -212,7 +218,10 @@ fn smollm2_export_runs_like_the_gguf() {
         .unwrap();
     }
     let read = |p: PathBuf| std::fs::read(p).unwrap();
-    let (ca, cb) = (read(out.join("gguf.safetensors")), read(out.join("hf.safetensors")));
+    let (ca, cb) = (
+        read(out.join("gguf.safetensors")),
+        read(out.join("hf.safetensors")),
+    );
     let (sa, sb) = (
         safetensors::SafeTensors::deserialize(&ca).unwrap(),
         safetensors::SafeTensors::deserialize(&cb).unwrap(),
@@ -276,7 +285,12 @@ fn tiny_tensors(seed: u64) -> Tensors {
         t.insert(name, (shape, v));
     };
     let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
-    put("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 1.0, 0.0);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, HIDDEN],
+        1.0,
+        0.0,
+    );
     put("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.3, 0.0);
     put("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
     for i in 0..LAYERS {
@@ -502,7 +516,13 @@ fn reference_logits(t: &Tensors, tokens: &[u32]) -> Vec<Vec<f64>> {
         }
     }
     xs.iter()
-        .map(|x| mat_vec(w("lm_head.weight"), None, &rms_norm(x, w("model.norm.weight"))))
+        .map(|x| {
+            mat_vec(
+                w("lm_head.weight"),
+                None,
+                &rms_norm(x, w("model.norm.weight")),
+            )
+        })
         .collect()
 }
 
@@ -519,7 +539,11 @@ fn tiny_qwen2_matches_an_independent_reference() {
         assert_eq!((m.tokenizer.bos_id, m.tokenizer.eos_id), (0, 0));
         // "ab" merges first (rank 0), so " ab" is Ġ + ab and " a" is Ġa.
         let mut tokens = m.tokenizer.encode("ab ab a zz").unwrap();
-        assert_eq!(tokens, [28, 27, 28, 29, 27, 26, 26], "tokenizer.json merges");
+        assert_eq!(
+            tokens,
+            [28, 27, 28, 29, 27, 26, 26],
+            "tokenizer.json merges"
+        );
         // Every id of the model, also those past the tokenizer's 30.
         tokens.extend((0..VOCAB as u32).rev());
         let want = reference_logits(&tensors, &tokens);
@@ -608,8 +632,20 @@ fn unsupported_checkpoints_are_clear_errors() {
         c[k] = v;
         c
     };
-    case("gpt2", with("model_type", json!("gpt2")), &tensors, Dtype::F32, "\"gpt2\"");
-    case("gelu", with("hidden_act", json!("gelu")), &tensors, Dtype::F32, "gelu");
+    case(
+        "gpt2",
+        with("model_type", json!("gpt2")),
+        &tensors,
+        Dtype::F32,
+        "\"gpt2\"",
+    );
+    case(
+        "gelu",
+        with("hidden_act", json!("gelu")),
+        &tensors,
+        Dtype::F32,
+        "gelu",
+    );
     case(
         "sliding window",
         with("use_sliding_window", json!(true)),
@@ -619,13 +655,28 @@ fn unsupported_checkpoints_are_clear_errors() {
     );
     case(
         "dynamic rope",
-        with("rope_scaling", json!({"rope_type": "dynamic", "factor": 2.0})),
+        with(
+            "rope_scaling",
+            json!({"rope_type": "dynamic", "factor": 2.0}),
+        ),
         &tensors,
         Dtype::F32,
         "dynamic",
     );
-    case("no hidden size", with("hidden_size", Value::Null), &tensors, Dtype::F32, "hidden_size");
-    case("no eos", with("eos_token_id", Value::Null), &tensors, Dtype::F32, "eos_token_id");
+    case(
+        "no hidden size",
+        with("hidden_size", Value::Null),
+        &tensors,
+        Dtype::F32,
+        "hidden_size",
+    );
+    case(
+        "no eos",
+        with("eos_token_id", Value::Null),
+        &tensors,
+        Dtype::F32,
+        "eos_token_id",
+    );
     let mut missing = tensors.clone();
     missing.remove("model.layers.1.self_attn.k_proj.bias");
     case(
@@ -637,14 +688,26 @@ fn unsupported_checkpoints_are_clear_errors() {
     );
     let mut missing = tensors.clone();
     missing.remove("lm_head.weight");
-    case("missing head", tiny_config(), &missing, Dtype::F32, "lm_head.weight");
+    case(
+        "missing head",
+        tiny_config(),
+        &missing,
+        Dtype::F32,
+        "lm_head.weight",
+    );
     case("f64 weights", tiny_config(), &tensors, Dtype::F64, "F64");
     let mut bad_shape = tensors.clone();
     bad_shape.insert(
         "model.norm.weight".into(),
         (vec![HIDDEN + 1], vec![1.0; HIDDEN + 1]),
     );
-    case("bad shape", tiny_config(), &bad_shape, Dtype::F32, "model.norm.weight");
+    case(
+        "bad shape",
+        tiny_config(),
+        &bad_shape,
+        Dtype::F32,
+        "model.norm.weight",
+    );
     // A llama config on a checkpoint with biases: refused, not silently ignored.
     case(
         "llama with biases",

@@ -368,25 +368,17 @@ fn tokenizer_matches_reference_ids_and_round_trips() {
 }
 
 #[test]
-fn tokenizer_ids_equal_hand_written_on_whole_novel() {
+fn tokenizer_ids_on_the_whole_novel_are_unchanged() {
     let m = need_model!();
-    let g = GgufFile::open(assets::model_path(None).unwrap()).unwrap();
-    let hand = tca::model::hand_tokenizer::Tokenizer::from_gguf(&g).unwrap();
-    let novel = assets::PRIDE_AND_PREJUDICE;
-    let t0 = std::time::Instant::now();
-    let new = m.tokenizer.encode(novel).unwrap();
-    let t1 = std::time::Instant::now();
-    let old = hand.encode(novel);
-    let t2 = std::time::Instant::now();
-    eprintln!(
-        "novel: {} tokens; tokenizers {:.3} s, hand-written {:.3} s",
-        new.len(),
-        (t1 - t0).as_secs_f64(),
-        (t2 - t1).as_secs_f64()
+    // The count and FNV-1a digest of the ids that the hand-written GPT-2 BPE (used
+    // before the `tokenizers` crate, deleted after this comparison) gave the whole
+    // novel; the two tokenizers were compared id by id on it before the deletion
+    // (commit "model: Hugging Face tokenizers ... replace the hand-written BPE").
+    let ids = m.tokenizer.encode(assets::PRIDE_AND_PREJUDICE).unwrap();
+    assert_eq!(
+        (ids.len(), format!("{:#018x}", fnv1a_ids(&ids))),
+        (167_892, "0xb64c2c5b386b97b6".to_string())
     );
-    let first_diff = new.iter().zip(&old).position(|(a, b)| a != b);
-    assert_eq!((new.len(), first_diff), (old.len(), None));
-    eprintln!("novel ids digest: {:#018x}", fnv1a_ids(&new));
 }
 
 #[test]
@@ -486,7 +478,10 @@ impl AttentionPolicy for Broken {
 #[test]
 fn attention_policy_is_pluggable() {
     let m = need_model!();
-    let tokens = m.tokenizer.encode(&assets::PRIDE_AND_PREJUDICE[..400]).unwrap();
+    let tokens = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..400])
+        .unwrap();
     let tokens = &tokens[..32];
     let counting = Counting(Default::default());
     let a = m.llama.score(tokens, &counting, 0).unwrap();
@@ -541,7 +536,10 @@ fn capture_round_trips_through_safetensors() {
         names,
         ["layer0.k", "layer0.q", "layer0.v", "layer2.k", "layer2.q", "layer2.v"]
     );
-    let tokens = m.tokenizer.encode(&assets::PRIDE_AND_PREJUDICE[..400]).unwrap();
+    let tokens = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..400])
+        .unwrap();
     let cap = m.llama.capture(&tokens[..24], &[0, 2]).unwrap();
     for l in [0, 2] {
         let c = &cap.captured[&l];

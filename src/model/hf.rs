@@ -86,7 +86,9 @@ fn parse_config(path: &Path, v: &Value) -> Result<HfConfig> {
         "mistral" => Arch::Mistral,
         "qwen2" => Arch::Qwen2,
         other => {
-            let archs = v.get("architectures").map_or("none".into(), Value::to_string);
+            let archs = v
+                .get("architectures")
+                .map_or("none".into(), Value::to_string);
             return Err(bad(format!(
                 "architecture {other:?} (architectures {archs}) is not supported \
                  (llama, mistral, qwen2)"
@@ -106,7 +108,10 @@ fn parse_config(path: &Path, v: &Value) -> Result<HfConfig> {
         }
     };
     let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
-    let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+    let act = v
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("silu");
     if act != "silu" {
         return Err(bad(format!(
             "hidden_act {act:?} is not supported (only silu)"
@@ -138,8 +143,7 @@ fn parse_config(path: &Path, v: &Value) -> Result<HfConfig> {
         }
         _ => {}
     }
-    let rope_scaling =
-        RopeScaling::from_hf(v.get("rope_scaling"), context).map_err(bad)?;
+    let rope_scaling = RopeScaling::from_hf(v.get("rope_scaling"), context).map_err(bad)?;
     let llama = LlamaConfig {
         n_layers: usize_of("num_hidden_layers")?,
         n_heads,
@@ -152,7 +156,10 @@ fn parse_config(path: &Path, v: &Value) -> Result<HfConfig> {
         ffn: usize_of("intermediate_size")?,
         context,
         vocab: usize_of("vocab_size")?,
-        rope_base: v.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+        rope_base: v
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0),
         rope_scaling,
         rms_eps: v
             .get("rms_norm_eps")
@@ -211,7 +218,10 @@ impl Weights {
                     .as_str()
                     .ok_or_else(|| format_err(&index, format!("weight_map value {f}")))?;
                 if Path::new(f).components().count() != 1 {
-                    return Err(format_err(&index, format!("shard {f:?} is not a file name")));
+                    return Err(format_err(
+                        &index,
+                        format!("shard {f:?} is not a file name"),
+                    ));
                 }
                 if !files.iter().any(|x| x == f) {
                     files.push(f.to_owned());
@@ -269,7 +279,10 @@ impl Weights {
     /// The tensor `name` as f32, checked to have `shape`.
     fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let e = self.entries.get(name).ok_or_else(|| {
-            format_err(&self.dir, format!("tensor {name} is missing from the checkpoint"))
+            format_err(
+                &self.dir,
+                format!("tensor {name} is missing from the checkpoint"),
+            )
         })?;
         let shard = &self.shards[e.shard];
         if e.shape != shape {
@@ -471,7 +484,11 @@ impl View for &Out<'_> {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let cols = if self.shape.len() == 2 { self.shape[1] } else { 1 };
+        let cols = if self.shape.len() == 2 {
+            self.shape[1]
+        } else {
+            1
+        };
         let rows: Cow<[f32]> = match self.unpermute {
             Some(d) => Cow::Owned(permute_rows_to_halves(self.data, cols, d)),
             None => Cow::Borrowed(self.data),

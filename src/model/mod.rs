@@ -15,8 +15,6 @@
 pub mod assets;
 pub mod attention;
 pub mod gguf;
-#[doc(hidden)]
-pub mod hand_tokenizer;
 pub mod hf;
 pub mod llama;
 pub mod quant;

@@ -415,7 +415,13 @@ mod tests {
         let mid = (0..32)
             .filter(|&i| l3[i] != plain[i] && l3[i] != plain[i] / 8.0)
             .count();
-        assert!(mid > 0 && l3.iter().zip(&plain).all(|(a, p)| *a <= *p && *a >= p / 8.0));
+        assert!(
+            mid > 0
+                && l3
+                    .iter()
+                    .zip(&plain)
+                    .all(|(a, p)| *a <= *p && *a >= p / 8.0)
+        );
         let y = with(RopeScaling::Yarn {
             factor: 4.0,
             original_context: 4096.0,
@@ -438,11 +444,18 @@ mod tests {
         );
         let y = p(r#"{"rope_type": "yarn", "factor": 4.0}"#).unwrap();
         assert!((y.attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
-        assert!(matches!(y, RopeScaling::Yarn { original_context, .. } if original_context == 4096.0));
+        assert!(
+            matches!(y, RopeScaling::Yarn { original_context, .. } if original_context == 4096.0)
+        );
         let l3 = r#"{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#;
         assert!(matches!(p(l3).unwrap(), RopeScaling::Llama3 { .. }));
-        for s in [p(l3).unwrap(), y, RopeScaling::Linear { factor: 3.0 }, RopeScaling::None] {
+        for s in [
+            p(l3).unwrap(),
+            y,
+            RopeScaling::Linear { factor: 3.0 },
+            RopeScaling::None,
+        ] {
             assert_eq!(RopeScaling::from_hf(Some(&s.to_hf()), 1).unwrap(), s);
         }
         for bad in [
