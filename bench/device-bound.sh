@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Theorem 1 on GPU outputs against the f64 oracle, on the device (H200), through the CLI:
-# `tca bound --backend cuda`, `--backend cpu --inputs-bf16` (the oracle on the values the
-# GPU computes on) and `--backend cpu` (full-precision inputs) on the same inputs (five synthetic head
-# types at the SmolLM2 shape, one LLaMA-shaped layer, two captured SmolLM2 layers), then
-# bench/compare_bound.py. Expects in .devrun/: tca.xz (a stripped `--features cuda`
-# release build), caps.safetensors (`tca capture --tokens 2048 --layers 13,18`).
+# Theorem 1 on GPU outputs, on the device (H200), through the CLI: `tca bound --backend
+# cuda` (the verdict against the f64 oracle on the bf16-rounded inputs, with the derived
+# bf16 allowance and its power counts, beside the GPU's own audit), `--backend cpu
+# --inputs-bf16` (the oracle with its own selection on the values the GPU computes on)
+# and `--backend cpu` (full-precision inputs) on the same inputs (five synthetic head
+# types at the SmolLM2 shape, one LLaMA-shaped layer, two captured SmolLM2 layers), plus
+# one case with an injected fault (the device computes with V x 1.02, an error common to
+# both of its passes) that the oracle audit must catch; then bench/compare_bound.py,
+# which exits 1 if a true reading fails, a fault is missed or a value is non-finite.
+# Expects in .devrun/: tca.xz (a stripped `--features cuda` release build),
+# caps.safetensors (`tca capture --tokens 2048 --layers 13,18`).
 # Writes under $OUT/bound/; prints the comparison table last.
 set -u
 OUT=${OUT:-/tmp/tca-out}
@@ -38,5 +43,9 @@ run() { # name input layer-args...
     mkdir -p "$W/real_l$layer"
     run real_l$layer "$D/caps.safetensors" --layer $layer
   done
+  mkdir -p "$W/fault_vscale/cuda"
+  "$TCA" bound --input "$W/sink.safetensors" --config "$CFG" --backend cuda --fault-v-scale 1.02 \
+    --out "$W/fault_vscale/cuda" --force > "$W/fault_vscale/cuda.log" 2>&1
+  tail -3 "$W/fault_vscale/cuda.log"
 } 2>&1 | tee "$W/log.txt" | tail -c 3000
 python3 "$HERE/bench/compare_bound.py" "$W"

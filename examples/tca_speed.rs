@@ -1,6 +1,6 @@
 //! Benchmark (not a test): prefill and greedy-decoding speed of SmolLM2-135M with exact
 //! attention and with TCA (prefill: the f64 reference selection, f32 attention over the
-//! selected keys; decoding over the compacted cache of SPEC section 3), on Pride and
+//! selected keys; decoding over the compacted cache of docs/algorithm.md §3), on Pride and
 //! Prejudice.
 //!
 //!     cargo run --release --example tca_speed -- [--prompt 2048] [--decode 64] [--profile P.json]

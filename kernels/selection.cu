@@ -1,4 +1,4 @@
-// Online core-context selection (SPEC section 1) on the GPU, per KV head.
+// Online core-context selection (docs/algorithm.md §1) on the GPU, per KV head.
 //   tca_logits_d{D}_g{G}: x_hj = q_{L-1}^h . k_j * scale * log2(e) for the g query heads of
 //       a KV head (K read once), plus per-chunk (max, sum 2^(x - max)) partials.
 //   tca_softmax_stats: per query head, the max M_h and Z_h = sum_j 2^(x_hj - M_h).

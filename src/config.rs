@@ -1,11 +1,11 @@
-//! The TCA configuration (SPEC section 7): a serde struct with the SPEC defaults,
+//! The TCA configuration (docs/algorithm.md §7): a serde struct with the defaults,
 //! read from TOML; an unknown key or a value outside its domain is an error.
 
 use crate::error::{Result, TcaError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Calibration criterion (SPEC section 2).
+/// Calibration criterion (docs/algorithm.md §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Criterion {
@@ -15,7 +15,7 @@ pub enum Criterion {
     Mass,
 }
 
-/// Normalisation of the block mass m_j in the redundancy score (SPEC section 1.3).
+/// Normalisation of the block mass m_j in the redundancy score (docs/algorithm.md §1.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MassNorm {

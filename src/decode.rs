@@ -1,4 +1,4 @@
-//! Decoding with the compacted cache (SPEC section 3).
+//! Decoding with the compacted cache (docs/algorithm.md §3).
 //!
 //! After prefill the cache of a KV head holds S_G (keys, values, original positions) and
 //! the last w tokens (all of them when L <= w). Each new token is appended to the
@@ -8,10 +8,11 @@
 //! by `gqa_reduce`), the top t = floor(E_p[k]) of them move to the global part and the
 //! rest are dropped. A decode query attends to everything in its cache.
 
+use crate::bound::{audit_row, Precision, PrefixStats, QueryAudit};
 use crate::config::Config;
 use crate::data::Heads;
 use crate::error::{Result, TcaError};
-use crate::reference::{causal_row, softmax_in_place, weighted_sum};
+use crate::reference::softmax_in_place;
 use crate::selection::importance::pool;
 use crate::selection::{select, Budget};
 use ndarray::{Array1, ArrayView1};
@@ -185,6 +186,10 @@ pub struct DecodeReport {
     pub max_gamma: f64,
     /// max over steps and query heads of ||O - O~||_2 / ||O||_2.
     pub max_rel_err: f64,
+    /// The Theorem 1 audit of every decode step and query head against the f64 oracle:
+    /// S_i is what the cache held, O~_i what the cache's own copies gave.
+    #[serde(skip)]
+    pub audits: Vec<QueryAudit>,
     /// Wall time spent in the cache (attention over it and compaction), summed over KV
     /// heads and divided by the steps: one thread's time to decode a token for the layer.
     /// The comparison with exact attention is not counted.
@@ -207,8 +212,9 @@ pub fn decode(
     }
     let prefix = heads.prefix(prefill_len)?;
     let sel = select(&prefix, cfg, budgets)?;
-    // Per KV head: its report, (gamma, rel. error) per step and query head, seconds.
-    type HeadRun = (HeadCacheReport, Vec<(f64, f64)>, f64);
+    let stats = PrefixStats::of(heads);
+    // Per KV head: its report, the audit per step and query head, seconds.
+    type HeadRun = (HeadCacheReport, Vec<Result<QueryAudit>>, f64);
     let per_head: Vec<HeadRun> = (0..heads.num_kv_heads())
         .into_par_iter()
         .map(|kv| {
@@ -241,7 +247,14 @@ pub fn decode(
                 peak = peak.max(cache.len());
                 let pos: Vec<usize> = cache.positions().collect();
                 for (h, (_, o_cache)) in heads.q_heads_of(kv).zip(&outs) {
-                    per_step.push(compare(heads, h, t, &pos, o_cache));
+                    per_step.push(audit_row(
+                        heads,
+                        &stats[kv],
+                        (h, t),
+                        &pos,
+                        o_cache.view(),
+                        Precision::F64,
+                    ));
                 }
                 let start = std::time::Instant::now();
                 if cache.window_len() >= cfg.window + cfg.block_size {
@@ -265,36 +278,29 @@ pub fn decode(
             (report, per_step, in_cache.as_secs_f64())
         })
         .collect();
-    let errs: Vec<(f64, f64)> = per_head.iter().flat_map(|(_, e, _)| e.clone()).collect();
     let steps = heads.len() - prefill_len;
-    let n = errs.len().max(1) as f64;
+    let mut heads_out = Vec::new();
+    let mut audits = Vec::new();
+    let mut seconds = 0.0;
+    for (r, a, sec) in per_head {
+        heads_out.push(r);
+        seconds += sec;
+        for x in a {
+            audits.push(x?);
+        }
+    }
+    audits.sort_by_key(|a| (a.head, a.query));
+    let n = audits.len().max(1) as f64;
     Ok(DecodeReport {
         prefill_len,
         steps,
         full_tokens: heads.len(),
         full_kv_bytes: heads.len() * 2 * heads.dim() * std::mem::size_of::<f64>(),
-        mean_gamma: errs.iter().map(|e| e.0).sum::<f64>() / n,
-        max_gamma: errs.iter().map(|e| e.0).fold(0.0, f64::max),
-        max_rel_err: errs.iter().map(|e| e.1).fold(0.0, f64::max),
-        seconds_per_step: per_head.iter().map(|x| x.2).sum::<f64>() / steps as f64,
-        heads: per_head.into_iter().map(|(r, _, _)| r).collect(),
+        mean_gamma: audits.iter().map(|a| a.gamma).sum::<f64>() / n,
+        max_gamma: audits.iter().map(|a| a.gamma).fold(0.0, f64::max),
+        max_rel_err: audits.iter().map(|a| a.rel_err()).fold(0.0, f64::max),
+        seconds_per_step: seconds / steps as f64,
+        heads: heads_out,
+        audits,
     })
-}
-
-/// (gamma, ||O - O~||_2 / ||O||_2) of decode query t of query head h, whose cache holds
-/// positions `pos` and gave output `o_cache`.
-fn compare(heads: &Heads, h: usize, t: usize, pos: &[usize], o_cache: &Array1<f64>) -> (f64, f64) {
-    let (full, _) = causal_row(heads, h, t);
-    let o = weighted_sum(heads.v(heads.kv_of(h)), 0..=t, &full);
-    let mut cached = vec![false; t + 1];
-    pos.iter().for_each(|&j| cached[j] = true);
-    let gamma: f64 = full
-        .iter()
-        .zip(&cached)
-        .filter(|(_, c)| !**c)
-        .map(|(p, _)| p)
-        .sum();
-    let diff = &o - o_cache;
-    let rel = diff.dot(&diff).sqrt() / o.dot(&o).sqrt().max(f64::MIN_POSITIVE);
-    (gamma, rel)
 }

@@ -31,6 +31,10 @@ pub enum TcaError {
     /// A file that would be overwritten without `--force`.
     #[error("{0} exists; pass --force to overwrite it")]
     WouldOverwrite(PathBuf),
+    /// A check that failed: a non-finite output, or a reading that must hold did not
+    /// (exit code 1, after the tables are written).
+    #[error("check failed: {0}")]
+    Verdict(String),
     /// A compute backend that is not built in or has no device.
     #[error("backend: {0}")]
     Backend(String),

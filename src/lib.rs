@@ -3,7 +3,9 @@
 //! Layout: [`reference`] (exact f64 attention, the oracle), [`selection`] (online
 //! core-context selection and sparse attention), [`calibration`] (offline head-specific
 //! budgets), [`decode`] (the compacted decoding cache), [`bound`] (Theorem 1 in each
-//! reading), [`data`] (inputs), [`config`] (the TOML configuration).
+//! reading), [`data`] (inputs), [`config`] (the TOML configuration). The method, in the
+//! project's words, with every reading of the paper and its configuration key:
+//! docs/algorithm.md.
 
 pub mod backend;
 pub mod bound;

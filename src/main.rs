@@ -10,7 +10,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            // 1: a check failed (the tables were written); 2: bad input or usage.
+            ExitCode::from(if matches!(e, tca::TcaError::Verdict(_)) {
+                1
+            } else {
+                2
+            })
         }
     }
 }

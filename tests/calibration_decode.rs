@@ -1,9 +1,9 @@
-//! Calibration (SPEC section 2) and decoding (section 3) against the oracle.
+//! Calibration (docs/algorithm.md §2) and decoding (section 3) against the oracle.
 
 mod common;
 
 use proptest::prelude::*;
-use tca::bound::audit;
+use tca::bound::{audit, Reading};
 use tca::calibration::{calibrate, Profile};
 use tca::config::Criterion;
 use tca::data::{synth, HeadKind, SynthSpec};
@@ -45,7 +45,10 @@ proptest! {
         }
     }
 
-    /// The decode cache never exceeds |S_G| + w + b, and is exact when nothing is dropped.
+    /// The decode cache never exceeds |S_G| + w + b, is exact when nothing is dropped,
+    /// and every decode step is audited: one audit per step and query head, where the
+    /// identity (the cache's own output against the exact row over what it holds) and
+    /// the three true readings hold.
     #[test]
     fn decode_cache_is_bounded((heads, cfg, budgets) in common::case().prop_filter("L >= 2", |(h, _, _)| h.len() >= 2)) {
         let prefill = heads.len() / 2;
@@ -53,6 +56,13 @@ proptest! {
         for h in &r.heads {
             prop_assert!(h.peak_tokens <= h.ceiling_tokens, "{h:?}");
             prop_assert!(h.global_tokens + h.window_tokens <= heads.len());
+        }
+        prop_assert_eq!(r.audits.len(), r.steps * heads.num_q_heads());
+        for a in &r.audits {
+            prop_assert!(a.query >= r.prefill_len && a.finite);
+            for rd in [Reading::Identity, Reading::LinfEntrymax, Reading::L1Induced, Reading::L2Diameter] {
+                prop_assert!(rd.holds_at(a, cfg.tau), "{rd:?} at decode step {a:?}");
+            }
         }
         let full = vec![Budget::full(cfg.block_size).unwrap(); heads.num_kv_heads()];
         let exact = decode(&heads, &cfg, &full, prefill.max(1)).unwrap();

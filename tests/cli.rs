@@ -114,7 +114,7 @@ fn calibrate_bound_and_decode_run() {
     );
     assert_eq!(
         header(&f.p("audit/queries.csv")),
-        "head,query,gamma,kept,err_l1,err_linf,err_l2,vmax_abs,vrow_l1_max"
+        tca::cli::report::QUERY_COLUMNS
     );
     let rows = std::fs::read_to_string(f.p("audit/queries.csv"))
         .unwrap()
@@ -138,9 +138,16 @@ fn calibrate_bound_and_decode_run() {
         );
     }
     for key in ["identity", "linf_entrymax", "l1_induced", "l2_diameter"] {
-        assert_eq!(summary["readings"][key]["holds"], true, "{key}");
+        let r = &summary["readings"][key];
+        assert_eq!(r["holds"], true, "{key}");
+        assert_eq!(r["verdict"], "holds", "{key}");
+        assert_eq!(r["measured"], 800, "{key}");
+        assert!(r["with_power"].as_u64().unwrap() > 0, "{key}: {r}");
+        assert!(r["witness"]["lhs"].is_number(), "{key}: {r}");
     }
     assert!(summary["frac_gamma_above_1_minus_tau"].is_number());
+    // The profile was calibrated on this very input: an in-sample audit.
+    assert_eq!(summary["context"]["in_sample"], true);
     // Without a profile the input calibrates itself.
     ok(&[
         "bound",
@@ -151,10 +158,167 @@ fn calibrate_bound_and_decode_run() {
         "--out",
         &f.s("audit2"),
     ]);
-    let out = ok(&["decode", "--input", &x, "--config", &cfg, "--steps", "64"]);
+    let out = ok(&[
+        "decode",
+        "--input",
+        &x,
+        "--config",
+        &cfg,
+        "--steps",
+        "64",
+        "--out",
+        &f.s("dec"),
+    ]);
     assert!(
         out.contains("KV bytes") && out.contains("vs full attention"),
         "{out}"
+    );
+    // Every decode step is audited: 64 steps x 4 query heads.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.p("dec/summary.json")).unwrap()).unwrap();
+    for key in ["identity", "linf_entrymax", "l1_induced", "l2_diameter"] {
+        assert_eq!(summary["readings"][key]["measured"], 256, "{key}");
+        assert_eq!(summary["readings"][key]["holds"], true, "{key}");
+    }
+    assert_eq!(summary["decode"]["steps"], 64);
+}
+
+#[test]
+fn a_profile_from_another_configuration_is_refused_unless_allowed() {
+    let f = Fixture::new();
+    let (x, cfg) = (f.s("x.safetensors"), f.s("cfg.toml"));
+    ok(&[
+        "calibrate",
+        "--input",
+        &x,
+        "--config",
+        &cfg,
+        "--out",
+        &f.s("p.json"),
+    ]);
+    std::fs::write(f.p("w16.toml"), "block_size = 16\nwindow = 16\ntau = 0.9\n").unwrap();
+    std::fs::write(
+        f.p("t5.toml"),
+        "block_size = 16\nwindow = 32\ntau = 0.5\ncriterion = \"mass\"\n",
+    )
+    .unwrap();
+    let p = f.s("p.json");
+    fails(
+        &[
+            "bound",
+            "--input",
+            &x,
+            "--config",
+            &f.s("w16.toml"),
+            "--profile",
+            &p,
+            "--out",
+            &f.s("a"),
+        ],
+        "window = 32 but the configuration has 16",
+    );
+    fails(
+        &[
+            "bound",
+            "--input",
+            &x,
+            "--config",
+            &f.s("t5.toml"),
+            "--profile",
+            &p,
+            "--out",
+            &f.s("a"),
+        ],
+        "criterion",
+    );
+    fails(
+        &[
+            "decode",
+            "--input",
+            &x,
+            "--config",
+            &f.s("t5.toml"),
+            "--profile",
+            &p,
+            "--steps",
+            "8",
+        ],
+        "tau = 0.9 but the configuration has 0.5",
+    );
+    ok(&[
+        "bound",
+        "--input",
+        &x,
+        "--config",
+        &f.s("w16.toml"),
+        "--profile",
+        &p,
+        "--out",
+        &f.s("a"),
+        "--allow-profile-mismatch",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.p("a/summary.json")).unwrap()).unwrap();
+    let note = summary["context"]["profile_override"].as_str().unwrap();
+    assert!(note.contains("window = 32"), "{note}");
+}
+
+#[test]
+fn counterexample_finds_and_writes_a_witness_that_bound_reproduces() {
+    let f = Fixture::new();
+    let out = ok(&[
+        "counterexample",
+        "--reading",
+        "l1_entrymax",
+        "--seed",
+        "0",
+        "--out",
+        &f.s("cx"),
+    ]);
+    assert!(out.contains("d = 2, L = 3"), "{out}");
+    let bound = tca(&[
+        "bound",
+        "--input",
+        &f.s("cx/witness.safetensors"),
+        "--config",
+        &f.s("cx/config.toml"),
+        "--profile",
+        &f.s("cx/profile.json"),
+        "--out",
+        &f.s("cx/bound"),
+    ]);
+    assert!(bound.status.success(), "{:?}", text(&bound));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.p("cx/bound/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["readings"]["l1_entrymax"]["holds"], false);
+    assert_eq!(summary["readings"]["l1_induced"]["holds"], true);
+    assert_eq!(summary["context"]["in_sample"], true);
+    // A true reading: nothing found, and the count of cases tried is reported.
+    let out = ok(&[
+        "counterexample",
+        "--reading",
+        "l1_induced",
+        "--cases",
+        "3000",
+    ]);
+    assert!(
+        out.contains("no violation of l1_induced") && out.contains("in 3000 cases"),
+        "{out}"
+    );
+    fails(
+        &["counterexample", "--reading", "l1_entrymax", "--cases", "0"],
+        "--cases",
+    );
+    fails(
+        &[
+            "counterexample",
+            "--reading",
+            "l1_entrymax",
+            "--out",
+            &f.s("cx"),
+        ],
+        "--force",
     );
 }
 
@@ -407,4 +571,22 @@ fn reproduce_quick_writes_every_head_type() {
         }
     }
     assert!(f.p("rep/verdicts.csv").exists());
+    assert!(out.contains("verdicts as expected"), "{out}");
+}
+
+#[test]
+fn verdicts_that_differ_from_the_expected_ones_are_reported() {
+    use tca::cli::commands::verdict_mismatches;
+    let want =
+        "criterion,kind,reading,holds\ncolumn,sink,identity,true\ncolumn,sink,l1_entrymax,false\n";
+    assert!(verdict_mismatches(want, want).is_empty());
+    let flipped = "criterion,kind,reading,holds,x\ncolumn,sink,identity,false,1\ncolumn,sink,l1_entrymax,false,1\n";
+    let m = verdict_mismatches(flipped, want);
+    assert!(
+        m.iter().any(|x| x.contains("a true reading fails")),
+        "{m:?}"
+    );
+    assert!(m.iter().any(|x| x.contains("expected true")), "{m:?}");
+    let missing = "criterion,kind,reading,holds\ncolumn,sink,identity,true\n";
+    assert!(verdict_mismatches(missing, want)[0].contains("expected but not computed"));
 }

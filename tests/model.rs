@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ndarray::{Array3, ArrayView3};
+use tca::backend::BackendKind;
 use tca::cli::model::{
     parse_layers, perplexity, run_capture, run_perplexity, AttentionKind, CalibrationArgs,
     CaptureArgs, PerplexityArgs, DEFAULT_CALIB_OFFSET,
@@ -522,6 +523,7 @@ fn capture_round_trips_through_safetensors() {
         out: out.clone(),
         force: false,
         model: None,
+        backend: BackendKind::Cpu,
     };
     run_capture(args.clone()).unwrap();
     let bytes = read_safetensors(&out);
@@ -587,6 +589,7 @@ fn perplexity_cli_and_bad_input() {
             calib_text: None,
         },
         model: None,
+        backend: BackendKind::Cpu,
     };
     let r = perplexity(&args).unwrap();
     assert_eq!(r.score.nll.len(), 63);
@@ -660,7 +663,46 @@ fn perplexity_cli_and_bad_input() {
         out: dir.path().join("c.safetensors"),
         force: false,
         model: None,
+        backend: BackendKind::Cpu,
     })
     .unwrap_err();
     assert!(e.to_string().contains("layer 30"), "{e}");
+}
+
+/// `--backend cuda` in a build without the `cuda` feature: a clear error, no panic.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_backend_without_the_feature_is_a_clear_error() {
+    let _ = need_model!();
+    let dir = tempfile::tempdir().unwrap();
+    let e = perplexity(&PerplexityArgs {
+        text: None,
+        tokens: 16,
+        from: 0,
+        attention: AttentionKind::Exact,
+        calibration: CalibrationArgs {
+            config: None,
+            profile: None,
+            calib_offset: DEFAULT_CALIB_OFFSET,
+            calib_tokens: 2048,
+            calib_text: None,
+        },
+        model: None,
+        backend: BackendKind::Cuda,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("built without CUDA"), "{e}");
+    let out = dir.path().join("c.safetensors");
+    let e = run_capture(CaptureArgs {
+        text: None,
+        tokens: 8,
+        layers: "0".into(),
+        out: out.clone(),
+        force: false,
+        model: None,
+        backend: BackendKind::Cuda,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("built without CUDA"), "{e}");
+    assert!(!out.exists());
 }

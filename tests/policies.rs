@@ -1,4 +1,4 @@
-//! Peer policies (SPEC section 5): valid key sets, equal budgets, and the oracle top-k
+//! Peer policies (docs/algorithm.md §5): valid key sets, equal budgets, and the oracle top-k
 //! retains at least as much mass as any policy of the same per-query size.
 
 mod common;

@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+use tca::backend::BackendKind;
 use tca::calibration::{HeadProfile, LayerProfile, ModelShape, Profile};
 use tca::cli::model::{
     calibration_tokens, perplexity, AttentionKind, CalibrationArgs, PerplexityArgs,
@@ -69,7 +70,9 @@ fn full_profile(m: &Model, cfg: &Config) -> Profile {
                     kv_head,
                     m: cfg.candidates,
                     mu: 1e3,
-                    sigma: 1.0,
+                    // Tiny sigma: every weight but k = b is exactly 0 (log-space
+                    // normalisation keeps a 1e-7 tail at sigma = 1).
+                    sigma: 1e-3,
                     expected_budget: cfg.block_size as f64,
                     retained: 1.0,
                     reached_tau: true,
@@ -78,6 +81,7 @@ fn full_profile(m: &Model, cfg: &Config) -> Profile {
                     retained_mass: Vec::new(),
                 })
                 .collect(),
+            data_hash: None,
         })
         .collect();
     Profile::new(shape, cfg.clone(), 0, layers)
@@ -295,6 +299,7 @@ fn perplexity_cli_runs_tca_and_the_peers() {
             calib_text: None,
         },
         model: None,
+        backend: BackendKind::Cpu,
     };
     let exact = perplexity(&args).unwrap();
     for kind in [AttentionKind::Tca, AttentionKind::StreamingLlm] {

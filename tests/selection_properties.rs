@@ -1,4 +1,4 @@
-//! Selection invariants (SPEC section 1) on random layers, configurations and budgets.
+//! Selection invariants (docs/algorithm.md §1) on random layers, configurations and budgets.
 
 mod common;
 

@@ -4,12 +4,13 @@ use super::QueryAudit;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Relative f64 allowance: a reading holds at a query when lhs <= rhs + TOL max_j ||v_j||
-/// in the reading's norm (for gamma <= 1 - tau: gamma <= 1 - tau + TOL). Accumulated
-/// rounding over L <= 10^6 terms stays far below it.
+/// Relative f64 allowance: against the oracle a reading holds at a query when
+/// lhs <= rhs + TOL max_j ||v_j|| in the reading's norm (for gamma <= 1 - tau:
+/// gamma <= 1 - tau + TOL). Accumulated f64 rounding over L <= 10^6 terms
+/// (about L 2^-53 < 1.2e-10) stays below it.
 pub const TOL: f64 = 1e-9;
 
-/// One reading of Theorem 1 (SPEC section 4).
+/// One reading of Theorem 1 (docs/algorithm.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reading {
@@ -62,51 +63,120 @@ impl Reading {
     }
 
     /// (lhs, rhs, allowance) at one query: the reading holds when lhs <= rhs + allowance.
-    /// The allowance is the audit's rounding r times a bound on max_j ||v_j||_p for the
-    /// norm of the reading (max|V| for inf, max_j ||v_j||_1 for 1, and
-    /// sqrt(max|V| max_j ||v_j||_1) >= max_j ||v_j||_2 for 2), plus what the gamma
-    /// allowance moves the right-hand side by. A NaN lhs: not measured there.
+    /// The allowance is the audit's rounding allowance on ||e_i||_p in the reading's
+    /// norm (QueryAudit::allow_*), plus what the gamma allowance moves the right-hand
+    /// side by.
     pub fn sides(self, a: &QueryAudit, tau: f64) -> (f64, f64, f64) {
-        let (r, g) = (a.rounding, a.gamma_allowance);
+        let g = a.gamma_allowance;
         let (inf, one) = (a.vmax_abs, a.vrow_l1_max);
-        let two = (inf * one).sqrt();
         match self {
-            Reading::Identity => (a.identity_residual, 0.0, r * inf),
-            Reading::LinfEntrymax => (a.err_linf, 2.0 * a.gamma * inf, r * inf + 2.0 * g * inf),
-            Reading::L1Entrymax => (a.err_l1, 2.0 * a.gamma * inf, r * one + 2.0 * g * inf),
-            Reading::L1Induced => (a.err_l1, 2.0 * a.gamma * one, r * one + 2.0 * g * one),
-            Reading::L2Diameter => (a.err_l2, a.gamma * a.vdiam_l2, r * two + g * a.vdiam_l2),
+            Reading::Identity => (
+                a.identity_residual.unwrap_or(f64::NAN),
+                0.0,
+                a.allow_identity,
+            ),
+            Reading::LinfEntrymax => (
+                a.err_linf,
+                2.0 * a.gamma * inf,
+                a.allow_linf + 2.0 * g * inf,
+            ),
+            Reading::L1Entrymax => (a.err_l1, 2.0 * a.gamma * inf, a.allow_l1 + 2.0 * g * inf),
+            Reading::L1Induced => (a.err_l1, 2.0 * a.gamma * one, a.allow_l1 + 2.0 * g * one),
+            Reading::L2Diameter => (a.err_l2, a.gamma * a.vdiam_l2, a.allow_l2 + g * a.vdiam_l2),
             Reading::GammaTau => (a.gamma, 1.0 - tau, g),
         }
     }
 
-    /// Whether the reading holds at one query (false where it was not measured).
+    /// Whether the reading holds at one query: every value there finite and
+    /// lhs <= rhs + allowance (a NaN side fails).
     pub fn holds_at(self, a: &QueryAudit, tau: f64) -> bool {
         let (lhs, rhs, tol) = self.sides(a, tau);
-        lhs <= rhs + tol
+        a.finite && lhs <= rhs + tol
     }
 
-    /// Whether the audit carries this reading's left-hand side.
-    pub fn measured_at(self, a: &QueryAudit, tau: f64) -> bool {
-        !self.sides(a, tau).0.is_nan()
+    /// Whether the audit measures this reading (only the identity can be unmeasured,
+    /// in an audit made from two outputs alone).
+    pub fn measured_at(self, a: &QueryAudit) -> bool {
+        self != Reading::Identity || a.identity_residual.is_some()
     }
+
+    /// Whether the check had power at this query: the allowance is below half the bound,
+    /// so an error of twice the bound could not pass. The identity (bound 0) has power
+    /// when its allowance is below half the largest error it could mask, gamma_i times
+    /// twice max|V|.
+    pub fn has_power(self, a: &QueryAudit, tau: f64) -> bool {
+        let (_, rhs, tol) = self.sides(a, tau);
+        match self {
+            Reading::Identity => tol < a.gamma * a.vmax_abs,
+            _ => tol < 0.5 * rhs,
+        }
+    }
+}
+
+/// Where a reading is at its worst, or first fails on a non-finite value.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Witness {
+    pub head: usize,
+    pub query: usize,
+    pub gamma: f64,
+    pub lhs: f64,
+    pub rhs: f64,
+    pub allowance: f64,
+    pub finite: bool,
 }
 
 /// Verdict of one reading over all audited queries.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReadingSummary {
     pub statement: &'static str,
+    /// "holds", "fails" or "not measured".
+    pub verdict: &'static str,
     /// No violation among at least one measured query.
     pub holds: bool,
-    /// Queries where it could be measured (the identity is not, from outputs alone).
+    /// Queries where it was measured (the identity is not, from outputs alone): each
+    /// could have failed it.
     pub measured: usize,
-    /// Measured queries where it fails.
+    /// Measured queries where it fails (non-finite ones included).
     pub violations: usize,
-    /// max lhs / rhs over queries with rhs above the allowance (for the identity:
-    /// max residual / max|V|); 0 when no query qualifies.
+    /// Measured queries with a non-finite value.
+    pub non_finite: usize,
+    /// Measured queries where the check had power (allowance < 0.5 x bound).
+    pub with_power: usize,
+    /// max lhs / rhs over finite queries with rhs above the allowance (for the
+    /// identity: max residual / max|V|); 0 when no query qualifies.
     pub worst_ratio: f64,
-    pub worst_head: Option<usize>,
-    pub worst_query: Option<usize>,
+    /// The first non-finite query if any, else the query of the worst ratio.
+    pub witness: Option<Witness>,
+}
+
+/// How an audit was made, recorded in summary.json.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuditContext {
+    /// Where the sparse outputs were computed ("cpu (f64)", "cuda (bf16, ...)").
+    pub backend: String,
+    /// What O_i and gamma_i are measured from ("f64 oracle", or the GPU's own dense
+    /// pass).
+    pub reference: String,
+    /// Which (query head, query) rows were audited.
+    pub rows: String,
+    /// Whether the budgets were calibrated on the audited data itself (true: an
+    /// in-sample figure); `None` when not known.
+    pub in_sample: Option<bool>,
+    /// A profile used despite a configuration mismatch (--allow-profile-mismatch): what
+    /// differed.
+    pub profile_override: Option<String>,
+}
+
+impl Default for AuditContext {
+    fn default() -> Self {
+        AuditContext {
+            backend: "cpu (f64)".into(),
+            reference: "f64 oracle".into(),
+            rows: "all".into(),
+            in_sample: None,
+            profile_override: None,
+        }
+    }
 }
 
 /// The content of summary.json.
@@ -114,9 +184,13 @@ pub struct ReadingSummary {
 pub struct Summary {
     pub queries: usize,
     pub tau: f64,
-    /// Relative rounding allowance r of the audits (TOL for the f64 oracle, 2^-7 for
-    /// bf16 device outputs; the largest over the audits).
+    pub context: AuditContext,
+    /// Largest allowance on ||e_i||_inf relative to max|V| over the audits (1e-9 for the
+    /// f64 oracle).
     pub tolerance: f64,
+    /// Queries with a non-finite value (each a violation of every reading).
+    pub non_finite_queries: usize,
+    /// Means and fractions over the finite queries.
     pub mean_gamma: f64,
     pub max_gamma: f64,
     /// Fraction of queries with gamma_i > 1 - tau.
@@ -125,10 +199,30 @@ pub struct Summary {
     pub readings: BTreeMap<&'static str, ReadingSummary>,
 }
 
-/// Worst ratio of one reading and where it occurs.
+impl Summary {
+    /// Whether any audited value was non-finite.
+    pub fn has_non_finite(&self) -> bool {
+        self.non_finite_queries > 0
+    }
+}
+
+fn witness(r: Reading, a: &QueryAudit, tau: f64) -> Witness {
+    let (lhs, rhs, allowance) = r.sides(a, tau);
+    Witness {
+        head: a.head,
+        query: a.query,
+        gamma: a.gamma,
+        lhs,
+        rhs,
+        allowance,
+        finite: a.finite,
+    }
+}
+
+/// Worst ratio of one reading over finite queries and where it occurs.
 fn worst(r: Reading, audits: &[QueryAudit], tau: f64) -> (f64, Option<&QueryAudit>) {
     let mut best: (f64, Option<&QueryAudit>) = (0.0, None);
-    for a in audits.iter().filter(|a| r.measured_at(a, tau)) {
+    for a in audits.iter().filter(|a| a.finite && r.measured_at(a)) {
         let (lhs, rhs, tol) = r.sides(a, tau);
         let ratio = match r {
             Reading::Identity if a.vmax_abs > 0.0 => lhs / a.vmax_abs,
@@ -143,28 +237,40 @@ fn worst(r: Reading, audits: &[QueryAudit], tau: f64) -> (f64, Option<&QueryAudi
     best
 }
 
-/// Summarises the audit of every query under tau.
+/// Summarises the audit of every query under tau (context: the f64 oracle's default;
+/// callers set their own).
 pub fn summarize(audits: &[QueryAudit], tau: f64) -> Summary {
-    let n = audits.len().max(1) as f64;
+    let finite: Vec<&QueryAudit> = audits.iter().filter(|a| a.finite).collect();
+    let n = finite.len().max(1) as f64;
     let readings = Reading::ALL
         .iter()
         .map(|&r| {
-            let measured = audits.iter().filter(|a| r.measured_at(a, tau)).count();
-            let violations = audits
+            let measured: Vec<&QueryAudit> = audits.iter().filter(|a| r.measured_at(a)).collect();
+            let violations = measured.iter().filter(|a| !r.holds_at(a, tau)).count();
+            let non_finite = measured.iter().filter(|a| !a.finite).count();
+            let with_power = measured
                 .iter()
-                .filter(|a| r.measured_at(a, tau) && !r.holds_at(a, tau))
+                .filter(|a| a.finite && r.has_power(a, tau))
                 .count();
             let (ratio, at) = worst(r, audits, tau);
+            let first_bad = measured.iter().find(|a| !a.finite).copied();
+            let holds = !measured.is_empty() && violations == 0;
             (
                 r.key(),
                 ReadingSummary {
                     statement: r.statement(),
-                    holds: measured > 0 && violations == 0,
-                    measured,
+                    verdict: match (measured.len(), holds) {
+                        (0, _) => "not measured",
+                        (_, true) => "holds",
+                        _ => "fails",
+                    },
+                    holds,
+                    measured: measured.len(),
                     violations,
+                    non_finite,
+                    with_power,
                     worst_ratio: ratio,
-                    worst_head: at.map(|a| a.head),
-                    worst_query: at.map(|a| a.query),
+                    witness: first_bad.or(at).map(|a| witness(r, a, tau)),
                 },
             )
         })
@@ -172,12 +278,18 @@ pub fn summarize(audits: &[QueryAudit], tau: f64) -> Summary {
     Summary {
         queries: audits.len(),
         tau,
-        tolerance: audits.iter().map(|a| a.rounding).fold(TOL, f64::max),
-        mean_gamma: audits.iter().map(|a| a.gamma).sum::<f64>() / n,
-        max_gamma: audits.iter().map(|a| a.gamma).fold(0.0, f64::max),
-        frac_gamma_above_1_minus_tau: audits.iter().filter(|a| a.gamma > 1.0 - tau).count() as f64
+        context: AuditContext::default(),
+        tolerance: audits
+            .iter()
+            .filter(|a| a.finite && a.vmax_abs > 0.0)
+            .map(|a| a.allow_linf / a.vmax_abs)
+            .fold(TOL, f64::max),
+        non_finite_queries: audits.len() - finite.len(),
+        mean_gamma: finite.iter().map(|a| a.gamma).sum::<f64>() / n,
+        max_gamma: finite.iter().map(|a| a.gamma).fold(0.0, f64::max),
+        frac_gamma_above_1_minus_tau: finite.iter().filter(|a| a.gamma > 1.0 - tau).count() as f64
             / n,
-        mean_kept_fraction: audits
+        mean_kept_fraction: finite
             .iter()
             .map(|a| a.kept as f64 / (a.query + 1) as f64)
             .sum::<f64>()

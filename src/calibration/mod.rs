@@ -1,9 +1,9 @@
-//! Offline head-specific calibration (SPEC section 2) and the versioned JSON profile
+//! Offline head-specific calibration (docs/algorithm.md §2) and the versioned JSON profile
 //! that carries its result to the online phase.
 
 pub mod profile;
 
-pub use profile::{HeadProfile, LayerProfile, ModelShape, Profile, PROFILE_VERSION};
+pub use profile::{data_hash, HeadProfile, LayerProfile, ModelShape, Profile, PROFILE_VERSION};
 
 use crate::config::{Config, Criterion};
 use crate::data::Heads;
@@ -115,6 +115,7 @@ pub fn calibrate_layer(heads: &Heads, cfg: &Config, layer: usize) -> Result<Laye
     Ok(LayerProfile {
         layer,
         heads: heads_out,
+        data_hash: Some(data_hash(heads)),
     })
 }
 

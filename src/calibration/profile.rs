@@ -60,6 +60,29 @@ pub struct HeadProfile {
 pub struct LayerProfile {
     pub layer: usize,
     pub heads: Vec<HeadProfile>,
+    /// [`data_hash`] of the layer's calibration inputs, so an audit can say whether it
+    /// runs on the data its budgets were calibrated on (in-sample). Absent in profiles
+    /// of earlier builds and in those calibrated inside a model run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_hash: Option<String>,
+}
+
+/// A 64-bit FNV-1a hash of a layer's shape and the bits of every Q, K and V value, as
+/// 16 hex digits.
+pub fn data_hash(heads: &Heads) -> String {
+    let (q, k, v) = heads.tensors();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for t in [q, k, v] {
+        t.shape().iter().for_each(|&n| eat(n as u64));
+        t.iter().for_each(|x| eat(x.to_bits()));
+    }
+    format!("{h:016x}")
 }
 
 /// A calibration profile file.
@@ -94,8 +117,23 @@ impl Profile {
     }
 
     /// Checks that this profile can drive selection on `heads` under `cfg`: same model
-    /// shape, same block size (budgets are distributions over 1..b), a layer `layer`.
+    /// shape, a layer `layer`, and the same configuration as the calibration (tau, b,
+    /// w, alpha, M, sigma, criterion, mass_norm, gqa_reduce, importance_queries: the
+    /// budgets were chosen under all of them).
     pub fn check_fits(&self, heads: &Heads, cfg: &Config, layer: usize) -> Result<()> {
+        self.check_shape(heads, layer)?;
+        match self.config_mismatch(cfg) {
+            Some(m) => Err(TcaError::ProfileMismatch(format!(
+                "calibrated with {m}; pass --allow-profile-mismatch to use it anyway \
+                 (recorded in the summary)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The model shape and layer checks of [`Profile::check_fits`] alone (b must match
+    /// too: budgets are distributions over 1..b).
+    pub fn check_shape(&self, heads: &Heads, layer: usize) -> Result<()> {
         let shape = ModelShape::of(heads);
         if shape != self.model {
             return Err(TcaError::ProfileMismatch(format!(
@@ -108,13 +146,60 @@ impl Profile {
                 shape.head_dim
             )));
         }
-        if self.config.block_size != cfg.block_size {
-            return Err(TcaError::ProfileMismatch(format!(
-                "calibrated with block_size = {} but the configuration has {}",
-                self.config.block_size, cfg.block_size
-            )));
-        }
         self.layer(layer).map(|_| ())
+    }
+
+    /// The configuration keys whose calibration value differs from `cfg`'s, as
+    /// "key = profile value but the configuration has value, ..."; `None` if all agree.
+    pub fn config_mismatch(&self, cfg: &Config) -> Option<String> {
+        let (p, c) = (&self.config, cfg);
+        let mut diffs = Vec::new();
+        let mut cmp = |key: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("{key} = {a} but the configuration has {b}"));
+            }
+        };
+        cmp("tau", p.tau.to_string(), c.tau.to_string());
+        cmp(
+            "block_size",
+            p.block_size.to_string(),
+            c.block_size.to_string(),
+        );
+        cmp("window", p.window.to_string(), c.window.to_string());
+        cmp("alpha", p.alpha.to_string(), c.alpha.to_string());
+        cmp(
+            "candidates",
+            p.candidates.to_string(),
+            c.candidates.to_string(),
+        );
+        cmp("sigma", p.sigma.to_string(), c.sigma.to_string());
+        cmp(
+            "criterion",
+            format!("{:?}", p.criterion),
+            format!("{:?}", c.criterion),
+        );
+        cmp(
+            "mass_norm",
+            format!("{:?}", p.mass_norm),
+            format!("{:?}", c.mass_norm),
+        );
+        cmp(
+            "gqa_reduce",
+            format!("{:?}", p.gqa_reduce),
+            format!("{:?}", c.gqa_reduce),
+        );
+        cmp(
+            "importance_queries",
+            p.importance_queries.to_string(),
+            c.importance_queries.to_string(),
+        );
+        (!diffs.is_empty()).then(|| diffs.join(", "))
+    }
+
+    /// Whether layer `layer` was calibrated on exactly `heads` (`None`: not recorded).
+    pub fn in_sample(&self, heads: &Heads, layer: usize) -> Option<bool> {
+        let l = self.layer(layer).ok()?;
+        l.data_hash.as_ref().map(|h| *h == data_hash(heads))
     }
 
     /// The profile of layer `layer`.

@@ -1,8 +1,9 @@
 //! Arguments and bodies of the `tca` subcommands.
 
-use super::report::{verdict_table, write_audit};
-use crate::backend::{Backend, BackendKind};
-use crate::bound::{summarize, Summary};
+use super::report::{non_finite_error, verdict_table, write_audit};
+use crate::backend::{Backend, BackendKind, OracleRows};
+use crate::bound::counterexample::{describe, write as write_witness, Outcome};
+use crate::bound::{summarize, AuditContext, Reading, Summary};
 use crate::calibration::{calibrate as calibrate_layer_profile, Profile};
 use crate::config::{Config, Criterion};
 use crate::data::{
@@ -28,7 +29,7 @@ pub struct InputArgs {
     /// Read tensors `layer{N}.q/k/v` of a multi-layer capture (and layer N of a profile).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// TOML configuration (SPEC section 7); the defaults when omitted.
+    /// TOML configuration (docs/algorithm.md §7); the defaults when omitted.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -78,6 +79,21 @@ pub struct BoundArgs {
     /// `--backend cuda`): the CPU oracle then sees the values the GPU computes on.
     #[arg(long)]
     pub inputs_bf16: bool,
+    /// With `--backend cuda`: audit at most this many (query head, query) rows against
+    /// the f64 oracle (all when Hq L is not larger; 0 = all), a seeded sample otherwise.
+    #[arg(long, default_value_t = 20_000)]
+    pub oracle_queries: usize,
+    /// Seed of that sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use a profile calibrated under another configuration (tau, b, w, alpha,
+    /// criterion, ...); what differs is written into summary.json.
+    #[arg(long)]
+    pub allow_profile_mismatch: bool,
+    /// Testing the audit (with `--backend cuda`): the device computes with V scaled by
+    /// this factor, an error common to its dense and sparse passes.
+    #[arg(long, hide = true)]
+    pub fault_v_scale: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +133,58 @@ pub struct DecodeArgs {
     /// Decode the last N tokens of the input one by one after prefilling the rest.
     #[arg(long)]
     pub steps: usize,
+    /// Folder for the decode steps' audit (queries.csv, summary.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub force: bool,
+    /// Use a profile calibrated under another configuration; recorded in summary.json.
+    #[arg(long)]
+    pub allow_profile_mismatch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CounterexampleArgs {
+    /// The reading to look for a violation of.
+    #[arg(long, value_enum)]
+    pub reading: ReadingArg,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Random cases to try before giving up.
+    #[arg(long, default_value_t = 20_000)]
+    pub cases: usize,
+    /// Folder for the witness (safetensors, config.toml, profile.json, witness.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The readings of Theorem 1 on the command line (their summary.json keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum ReadingArg {
+    Identity,
+    LinfEntrymax,
+    L1Entrymax,
+    L1Induced,
+    L2Diameter,
+    GammaLe1MinusTau,
+}
+
+impl ReadingArg {
+    pub fn reading(self) -> Reading {
+        match self {
+            ReadingArg::Identity => Reading::Identity,
+            ReadingArg::LinfEntrymax => Reading::LinfEntrymax,
+            ReadingArg::L1Entrymax => Reading::L1Entrymax,
+            ReadingArg::L1Induced => Reading::L1Induced,
+            ReadingArg::L2Diameter => Reading::L2Diameter,
+            ReadingArg::GammaLe1MinusTau => Reading::GammaTau,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -141,25 +209,48 @@ pub struct ReproduceArgs {
     pub synthetic_only: bool,
 }
 
-/// The budgets of a layer: from a profile checked against the input, else calibrated
-/// on `calib` (the input itself, or the prefill part when decoding).
+/// The budgets of a layer and how they relate to the audited data.
+struct Budgets {
+    budgets: Vec<Budget>,
+    /// Calibrated on the audited data itself.
+    in_sample: Option<bool>,
+    /// Configuration keys that differ from the profile's, used anyway.
+    profile_override: Option<String>,
+}
+
+/// The budgets of a layer: from a profile checked against the input and configuration
+/// (a configuration mismatch only with `allow_mismatch`), else calibrated on `calib`
+/// (the input itself, or the prefill part when decoding).
 fn budgets_for(
     profile: Option<&Path>,
     heads: &Heads,
     calib: &Heads,
     cfg: &Config,
     layer: usize,
-) -> Result<(Profile, Vec<Budget>)> {
-    let profile = match profile {
+    allow_mismatch: bool,
+) -> Result<Budgets> {
+    match profile {
         Some(p) => {
             let prof = Profile::load(p)?;
-            prof.check_fits(heads, cfg, layer)?;
-            prof
+            let profile_override = if allow_mismatch {
+                prof.check_shape(heads, layer)?;
+                prof.config_mismatch(cfg)
+            } else {
+                prof.check_fits(heads, cfg, layer)?;
+                None
+            };
+            Ok(Budgets {
+                budgets: prof.budgets(layer)?,
+                in_sample: prof.in_sample(calib, layer),
+                profile_override,
+            })
         }
-        None => calibrate_layer_profile(calib, cfg, layer)?,
-    };
-    let budgets = profile.budgets(layer)?;
-    Ok((profile, budgets))
+        None => Ok(Budgets {
+            budgets: calibrate_layer_profile(calib, cfg, layer)?.budgets(layer)?,
+            in_sample: Some(std::ptr::eq(heads, calib)),
+            profile_override: None,
+        }),
+    }
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -180,15 +271,17 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Selection, audit and summary of one layer.
+/// Selection, audit and summary of one layer on the CPU oracle (budgets calibrated on
+/// the same data: in-sample).
 fn audit_layer(
     heads: &Heads,
     cfg: &Config,
     budgets: &[Budget],
 ) -> Result<(Vec<crate::bound::QueryAudit>, Summary)> {
-    let (_, audits) = Backend::Cpu.audit_layer(heads, cfg, budgets)?;
-    let summary = summarize(&audits, cfg.tau);
-    Ok((audits, summary))
+    let la = Backend::Cpu.audit_layer(heads, cfg, budgets, OracleRows::default())?;
+    let mut summary = summarize(&la.audits, cfg.tau);
+    summary.context.in_sample = Some(true);
+    Ok((la.audits, summary))
 }
 
 pub fn bound(a: BoundArgs) -> Result<()> {
@@ -198,27 +291,76 @@ pub fn bound(a: BoundArgs) -> Result<()> {
     } else {
         heads
     };
-    let files = ["queries.csv", "summary.json", "selection.json"].map(|f| a.out.join(f));
+    let mut files: Vec<PathBuf> = ["queries.csv", "summary.json", "selection.json"]
+        .iter()
+        .map(|f| a.out.join(f))
+        .collect();
+    if a.backend == BackendKind::Cuda {
+        files.push(a.out.join("queries_gpu_self.csv"));
+    }
     for p in &files {
         if p.exists() && !a.force {
             return Err(TcaError::WouldOverwrite(p.clone()));
         }
     }
     let backend = Backend::open(a.backend)?;
-    let (_, budgets) = budgets_for(a.profile.as_deref(), &heads, &heads, &cfg, layer)?;
-    let (global, audits) = backend.audit_layer(&heads, &cfg, &budgets)?;
-    let summary = summarize(&audits, cfg.tau);
+    let b = budgets_for(
+        a.profile.as_deref(),
+        &heads,
+        &heads,
+        &cfg,
+        layer,
+        a.allow_profile_mismatch,
+    )?;
+    let rows = OracleRows {
+        limit: a.oracle_queries,
+        seed: a.seed,
+        fault_v_scale: a.fault_v_scale,
+    };
+    let la = backend.audit_layer(&heads, &cfg, &b.budgets, rows)?;
+    let mut summary = summarize(&la.audits, cfg.tau);
+    summary.context = AuditContext {
+        in_sample: b.in_sample,
+        profile_override: b.profile_override.clone(),
+        ..la.context.clone()
+    };
     println!("backend: {}", backend.name());
-    write_audit(&a.out, &audits, &summary, a.force)?;
+    let mut extra = Vec::new();
+    let mut all = la.audits.clone();
+    if let Some(own) = &la.self_audits {
+        let mut s = summarize(own, cfg.tau);
+        s.context = AuditContext {
+            reference: "the GPU's own dense pass (bf16) and log-sum-exps".into(),
+            rows: format!("all {}", own.len()),
+            ..summary.context.clone()
+        };
+        println!("== the GPU's own audit (its dense outputs against its sparse ones)");
+        print!("{}", verdict_table(&s));
+        extra.push((
+            "gpu_self",
+            serde_json::to_value(&s).map_err(|e| TcaError::Invalid(e.to_string()))?,
+        ));
+        if let Some(d) = la.selection_differences {
+            extra.push(("selection_differences", serde_json::json!(d)));
+        }
+        let csv = crate::cli::report::queries_csv(own);
+        write_new(&files[3], csv.as_bytes(), a.force)?;
+        all.extend(own.iter().cloned());
+        println!("== against the f64 oracle (the verdict)");
+    }
+    write_audit(&a.out, &la.audits, &summary, &extra, a.force)?;
     // S_G per KV head, so that two backends' selections can be compared.
-    let sel = serde_json::json!({ "backend": backend.name(), "global": global });
+    let sel = serde_json::json!({ "backend": backend.name(), "global": la.global });
     write_new(&files[2], sel.to_string().as_bytes(), a.force)?;
     print!("{}", verdict_table(&summary));
     println!(
         "wrote {}/queries.csv, summary.json and selection.json",
         a.out.display()
     );
-    Ok(())
+    match non_finite_error("tca bound", &all) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -257,15 +399,25 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
             heads.len() - 1
         )));
     }
+    if let Some(out) = &a.out {
+        for f in ["queries.csv", "summary.json"] {
+            let p = out.join(f);
+            if p.exists() && !a.force {
+                return Err(TcaError::WouldOverwrite(p));
+            }
+        }
+    }
     let prefill = heads.len() - a.steps;
-    let (_, budgets) = budgets_for(
+    let prefix = heads.prefix(prefill)?;
+    let b = budgets_for(
         a.profile.as_deref(),
         &heads,
-        &heads.prefix(prefill)?,
+        &prefix,
         &cfg,
         layer,
+        a.allow_profile_mismatch,
     )?;
-    let r = run_decode(&heads, &cfg, &budgets, prefill)?;
+    let r = run_decode(&heads, &cfg, &b.budgets, prefill)?;
     println!(
         "prefill {} tokens, decoded {} steps (b = {}, w = {})",
         r.prefill_len, r.steps, cfg.block_size, cfg.window
@@ -301,6 +453,72 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
         "decode quality: mean gamma {:.3e}, max gamma {:.3e}, max relative output error {:.3e}",
         r.mean_gamma, r.max_gamma, r.max_rel_err
     );
+    // Every decode step audited against every reading: S_i is the cache.
+    let mut summary = summarize(&r.audits, cfg.tau);
+    summary.context = AuditContext {
+        rows: format!(
+            "the {} decode steps of each of {} query heads (S_i = the compacted cache)",
+            r.steps,
+            heads.num_q_heads()
+        ),
+        in_sample: b.in_sample,
+        profile_override: b.profile_override,
+        ..AuditContext::default()
+    };
+    println!("== Theorem 1 at every decode step");
+    print!("{}", verdict_table(&summary));
+    if let Some(out) = &a.out {
+        let stats = serde_json::json!({
+            "prefill_len": r.prefill_len,
+            "steps": r.steps,
+            "heads": r.heads,
+            "max_rel_err": r.max_rel_err,
+        });
+        write_audit(out, &r.audits, &summary, &[("decode", stats)], a.force)?;
+        println!("wrote {}/queries.csv and summary.json", out.display());
+    }
+    match non_finite_error("tca decode", &r.audits) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+pub fn counterexample(a: CounterexampleArgs) -> Result<()> {
+    let reading = a.reading.reading();
+    let start = std::time::Instant::now();
+    match crate::bound::counterexample::search(reading, a.seed, a.cases)? {
+        Outcome::Found {
+            case,
+            audit,
+            keys,
+            tried,
+            shrink_steps,
+        } => {
+            println!(
+                "found at case {tried} of at most {} (seed {}), shrunk in {shrink_steps} steps ({:.1} s):",
+                a.cases,
+                a.seed,
+                start.elapsed().as_secs_f64()
+            );
+            println!("{}", describe(&case, reading, &audit, &keys));
+            if let Some(out) = &a.out {
+                write_witness(out, &case, reading, &audit, &keys, a.seed, a.force)?;
+                println!(
+                    "wrote {0}/witness.safetensors, config.toml, profile.json, witness.json; reproduce with\n  tca bound --input {0}/witness.safetensors --config {0}/config.toml --profile {0}/profile.json --out {0}/bound",
+                    out.display()
+                );
+            }
+        }
+        Outcome::NotFound { tried } => {
+            println!(
+                "no violation of {} ({}) in {tried} cases (seed {}, {:.1} s)",
+                reading.key(),
+                reading.statement(),
+                a.seed,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -325,7 +543,7 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
             let budgets = prof.budgets(0)?;
             let (audits, summary) = audit_layer(&heads, &cfg, &budgets)?;
             let dir = a.out.join(crit).join(kind.name());
-            write_audit(&dir, &audits, &summary, true)?;
+            write_audit(&dir, &audits, &summary, &[], true)?;
             prof.save(&dir.join("profile.json"), true)?;
             let heads_p = &prof.layers[0].heads;
             let reached = heads_p.iter().filter(|h| h.reached_tau).count();
@@ -385,6 +603,12 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
     }
     let path = a.out.join("verdicts.csv");
     crate::data::write_new(&path, rows.as_bytes(), true)?;
+    let expected = if a.quick {
+        EXPECTED_VERDICTS_QUICK
+    } else {
+        EXPECTED_VERDICTS
+    };
+    let mismatches = verdict_mismatches(&rows, expected);
     println!("\n== overview (identity, linf_entrymax, l1_induced, l2_diameter are checked too)");
     println!(
         "criterion kind       kept_frac  mean_gamma  gamma>1-tau  reached  readings that fail"
@@ -410,5 +634,72 @@ pub fn reproduce(a: ReproduceArgs) -> Result<()> {
             ctx.out.display()
         );
     }
-    Ok(())
+    if mismatches.is_empty() {
+        println!(
+            "verdicts as expected ({}): the identity, linf_entrymax, l1_induced and l2_diameter hold on every head",
+            if a.quick { "configs/expected-verdicts-quick.csv" } else { "configs/expected-verdicts.csv" }
+        );
+        Ok(())
+    } else {
+        Err(TcaError::Verdict(format!(
+            "verdicts differ from the expected ones:\n  {}",
+            mismatches.join("\n  ")
+        )))
+    }
+}
+
+/// The verdicts the README states for the main job (criterion, kind, reading, holds).
+pub const EXPECTED_VERDICTS: &str = include_str!("../../configs/expected-verdicts.csv");
+/// The same for `--quick`.
+pub const EXPECTED_VERDICTS_QUICK: &str = include_str!("../../configs/expected-verdicts-quick.csv");
+/// Readings that are theorems: they must hold on every input, whatever the expectation
+/// file says.
+const TRUE_READINGS: [&str; 4] = ["identity", "linf_entrymax", "l1_induced", "l2_diameter"];
+
+/// Differences between the verdicts.csv text `got` and the expected table (header
+/// criterion,kind,reading,holds), plus every true reading that fails.
+pub fn verdict_mismatches(got: &str, expected: &str) -> Vec<String> {
+    let parse = |text: &str| -> std::collections::BTreeMap<(String, String, String), String> {
+        text.lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f.len() >= 4).then(|| {
+                    (
+                        (f[0].to_string(), f[1].to_string(), f[2].to_string()),
+                        f[3].to_string(),
+                    )
+                })
+            })
+            .collect()
+    };
+    let (g, e) = (parse(got), parse(expected));
+    let mut out = Vec::new();
+    for (key, holds) in &g {
+        if TRUE_READINGS.contains(&key.2.as_str()) && holds != "true" {
+            out.push(format!(
+                "{} on {} {}: a true reading fails",
+                key.2, key.0, key.1
+            ));
+        }
+        match e.get(key) {
+            Some(want) if want != holds => out.push(format!(
+                "{} on {} {}: holds = {holds}, expected {want}",
+                key.2, key.0, key.1
+            )),
+            None => out.push(format!(
+                "{} on {} {}: no expected verdict",
+                key.2, key.0, key.1
+            )),
+            _ => {}
+        }
+    }
+    for key in e.keys().filter(|k| !g.contains_key(*k)) {
+        out.push(format!(
+            "{} on {} {}: expected but not computed",
+            key.2, key.0, key.1
+        ));
+    }
+    out
 }

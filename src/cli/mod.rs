@@ -9,7 +9,12 @@ use clap::{Parser, Subcommand};
 
 /// TCA-Attention reference harness.
 #[derive(Parser, Debug)]
-#[command(name = "tca", version, about)]
+#[command(
+    name = "tca",
+    version,
+    about,
+    after_help = "The method, each reading of the paper and its configuration key: docs/algorithm.md."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,6 +30,8 @@ pub enum Command {
     Synth(commands::SynthArgs),
     /// Prefill with TCA, then decode the input's last tokens with the compacted cache.
     Decode(commands::DecodeArgs),
+    /// Search for, shrink and write a counterexample to one reading of Theorem 1.
+    Counterexample(commands::CounterexampleArgs),
     /// The main job: verdict tables on the synthetic heads and every figure (figures/).
     Reproduce(commands::ReproduceArgs),
     /// Capture per-layer post-RoPE Q, K, V of SmolLM2-135M on a text.
@@ -50,6 +57,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Bound(a) => commands::bound(a),
         Command::Synth(a) => commands::synth(a),
         Command::Decode(a) => commands::decode(a),
+        Command::Counterexample(a) => commands::counterexample(a),
         Command::Reproduce(a) => commands::reproduce(a),
         Command::Capture(a) => model::run_capture(a),
         Command::Perplexity(a) => model::run_perplexity(a),

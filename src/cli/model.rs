@@ -13,6 +13,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use safetensors::tensor::{Dtype, TensorView};
 
+use crate::backend::BackendKind;
 use crate::calibration::Profile;
 use crate::config::Config;
 use crate::error::{Result, TcaError};
@@ -68,7 +69,7 @@ impl AttentionKind {
 /// Where a sparse attention's calibration comes from.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
-    /// TOML configuration of TCA (SPEC section 7); default: configs/model.toml's
+    /// TOML configuration of TCA (docs/algorithm.md §7); default: configs/model.toml's
     /// scaled setting (b = 64, w = 256, tau = 0.9).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -314,6 +315,10 @@ pub struct CaptureArgs {
     /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Where the forward runs: cpu (f32) or cuda (f16 weights, bf16 Q/K/V, f32
+    /// accumulation; needs a `--features cuda` build and a GPU).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
 }
 
 /// Arguments of `tca perplexity`.
@@ -338,6 +343,10 @@ pub struct PerplexityArgs {
     /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Where the forward runs: cpu (f32) or cuda (f16 weights, bf16 Q/K/V, f32
+    /// accumulation; exact and tca attention; needs a `--features cuda` build and a GPU).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
 }
 
 /// Parse a layer list ("all", "3", "0,5,10-12") against `n_layers`.
@@ -429,7 +438,10 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
         load_inputs(args.model.as_deref(), args.text.as_deref(), args.tokens)?;
     let layers = parse_layers(&args.layers, model.llama.config.n_layers)?;
     let t1 = Instant::now();
-    let mut cap = model.llama.capture(&tokens, &layers)?;
+    let mut cap = match args.backend {
+        BackendKind::Cpu => model.llama.capture(&tokens, &layers)?,
+        BackendKind::Cuda => capture_cuda(&model, &tokens, &layers)?,
+    };
     let t2 = Instant::now();
 
     // Little-endian f32 bytes of each tensor, made once (the captured arrays are
@@ -513,6 +525,20 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
         load_inputs(args.model.as_deref(), args.text.as_deref(), args.tokens)?;
     let cfg = args.calibration.config()?;
     let t1 = Instant::now();
+    if args.backend == BackendKind::Cuda {
+        let (score, keep_fraction, calibrate_s, open_s, forward_s) =
+            score_cuda(args, &model, &tokens, &cfg)?;
+        return Ok(PerplexityReport {
+            model: model.name.clone(),
+            tokens: tokens.len(),
+            text_tokens: total,
+            score,
+            load_s: (t1 - t0).as_secs_f64() + open_s,
+            calibrate_s,
+            forward_s,
+            keep_fraction,
+        });
+    }
     let (score, keep_fraction, t2) = match args.attention.policy() {
         None => {
             let t2 = Instant::now();
@@ -544,11 +570,69 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     })
 }
 
+/// The GPU forward's capture (`--backend cuda`).
+#[cfg(feature = "cuda")]
+fn capture_cuda(model: &Model, tokens: &[u32], layers: &[usize]) -> Result<crate::model::Capture> {
+    crate::cuda::model::cli::capture(&model.llama, tokens, layers)
+}
+
+/// The GPU forward's score, keep fraction, and seconds of calibration, device start
+/// and forward (`--backend cuda`).
+#[cfg(feature = "cuda")]
+fn score_cuda(
+    args: &PerplexityArgs,
+    model: &Model,
+    tokens: &[u32],
+    cfg: &Config,
+) -> Result<(Score, f64, f64, f64, f64)> {
+    let r = crate::cuda::model::cli::score(
+        model,
+        tokens,
+        args.attention,
+        &args.calibration,
+        cfg,
+        args.from,
+    )?;
+    Ok((
+        r.score,
+        r.keep_fraction,
+        r.calibrate_s,
+        r.open_s,
+        r.forward_s,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> TcaError {
+    TcaError::Backend(
+        "this tca was built without CUDA; rebuild with `cargo build --release --features cuda`"
+            .into(),
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn capture_cuda(_: &Model, _: &[u32], _: &[usize]) -> Result<crate::model::Capture> {
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn score_cuda(
+    _: &PerplexityArgs,
+    _: &Model,
+    _: &[u32],
+    _: &Config,
+) -> Result<(Score, f64, f64, f64, f64)> {
+    Err(no_cuda())
+}
+
 /// `tca perplexity`: prints the details, then `perplexity: <number>` as the last line.
 pub fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let r = perplexity(&args)?;
     let s = &r.score;
     println!("model: {}", r.model);
+    if args.backend == BackendKind::Cuda {
+        println!("backend: cuda (f16 weights, bf16 Q/K/V, f32 accumulation)");
+    }
     println!("attention: {}", args.attention.name());
     if args.attention != AttentionKind::Exact {
         let cfg = args.calibration.config()?;

@@ -425,7 +425,7 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
             let prompt = niah_prompt(&model, &hay, n, depth, number)?;
             let mut exact_answer = String::new();
             let ks = if n > a.long_from { &long_kinds } else { &kinds };
-            // TCA runs twice: with its compacted decoding cache (SPEC section 3), and
+            // TCA runs twice: with its compacted decoding cache (docs/algorithm.md §3), and
             // with its prefill followed by exact decoding over the full cache (as the
             // peers decode), to separate the two phases.
             // Each sparse attention runs once per tau, with that tau's profile.

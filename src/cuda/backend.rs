@@ -16,12 +16,12 @@ pub type GpuSelectionResult = HostSelection;
 /// Prefill or decode outputs converted to f64 (O [Hq, L or 1, d], lse [Hq, L or 1]).
 pub type GpuAttention = Attention;
 
-/// The budget table of SPEC 1.5 for every KV head: `table[kv * nb + r]` = t_r (before
-/// clipping), from the oracle's [`Budget::block_budget`].
+/// Budget table of docs/algorithm.md §1.5 for every KV head: `table[kv * nb + r]` = t_r
+/// (before clipping), from the oracle's [`Budget::block_budgets`].
 pub fn budget_table(budgets: &[Budget], nb: usize) -> Vec<i32> {
     budgets
         .iter()
-        .flat_map(|b| (0..nb).map(move |r| b.block_budget(r, nb) as i32))
+        .flat_map(|b| b.block_budgets(nb).into_iter().map(|t| t as i32))
         .collect()
 }
 
@@ -90,7 +90,7 @@ impl GpuBackend {
         Ok((h, sel))
     }
 
-    /// SPEC 1.1-1.6 on the GPU: S_G per KV head.
+    /// docs/algorithm.md §1.1-1.6 on the GPU: S_G per KV head.
     pub fn select(
         &self,
         heads: &Heads,

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod decode;
 pub mod f32path;
+pub mod model;
 pub mod prefill;
 pub mod selection;
 pub mod synth;
@@ -44,6 +45,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("selection", include_str!("../../kernels/selection.cu")),
     ("decode", include_str!("../../kernels/decode.cu")),
+    ("model", include_str!("../../kernels/model.cu")),
 ];
 
 /// Group sizes g = Hq / Hkv with compiled instantiations.
@@ -129,7 +131,7 @@ pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'s
 
 /// Runs `f`, turning a panic (cudarc panics when a CUDA library cannot be loaded) into
 /// an error without printing it.
-fn quiet_catch<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+pub(crate) fn quiet_catch<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, PushKernelArg};
 /// Keys per CTA of the logits kernel.
 const KPC: usize = 128;
 
-/// The selection knobs the kernels take (SPEC 1), and the budget of each rank per KV
+/// The selection knobs the kernels take (docs/algorithm.md §1), and the budget of each rank per KV
 /// head, `table[kv * nb + r]` = t_r before clipping (from the head's configuration p,
 /// computed on the host by the oracle's `Budget::block_budget`).
 #[derive(Clone, Debug)]

@@ -1,4 +1,4 @@
-//! The experiments that regenerate the paper's figures (SPEC section 6) into `figures/`:
+//! The experiments that regenerate the paper's figures (docs/algorithm.md §6) into `figures/`:
 //! each writes PNG and SVG plus its data as Parquet and CSV. One binary per figure under
 //! `experiments/` calls [`main_for`]; `tca reproduce` runs them all through [`run_all`].
 //!

@@ -1,4 +1,4 @@
-//! Peer policies at equal budget (SPEC section 5): retained mass, gamma and output error
+//! Peer policies at equal budget (docs/algorithm.md §5): retained mass, gamma and output error
 //! of TCA, the oracle top-k (the upper limit), StreamingLLM, uniform block top-k and the
 //! cumulative threshold, per layer. Per-query results are aggregated with polars.
 

@@ -6,7 +6,7 @@
 //! baseline selector) implements the same trait and is passed to
 //! [`super::Llama::prefill`] instead.
 //!
-//! Conventions (the same as the rest of the crate, see `SPEC.md`):
+//! Conventions (the same as the rest of the crate, see docs/algorithm.md):
 //! - `q` is `[Hq, L, d]`, `k` and `v` are `[Hkv, L, d]`, `Hq = g * Hkv`; query head `h`
 //!   reads KV head `h / g` (GQA);
 //! - position `i` may attend to keys `j <= i` (causal), scores are `q_i . k_j / sqrt(d)`;

@@ -489,6 +489,12 @@ fn rms_norm(x: ArrayView2<f32>, w: &Array1<f32>, eps: f32) -> Array2<f32> {
     y
 }
 
+/// Unscaled cos and sin tables `[n_pos, d/2]` for positions `pos0 .. pos0 + n_pos`
+/// (no `rope_scaling`: the CPU forward uses [`LlamaConfig::rope`]).
+pub fn rope_tables(pos0: usize, n_pos: usize, d: usize, base: f64) -> (Array2<f32>, Array2<f32>) {
+    Rope::plain(base).tables(pos0, n_pos, d)
+}
+
 /// `[L, H*d]` -> `[H, L, d]`.
 fn split_heads(x: Array2<f32>, h: usize, d: usize) -> Result<Array3<f32>> {
     let l = x.nrows();
@@ -630,7 +636,9 @@ impl Llama {
         })
     }
 
-    fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
+    /// Checks that `tokens` is non-empty, in the vocabulary, and that `tokens.len() +
+    /// extra` fits the context.
+    pub fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(TcaError::Invalid("no tokens to run".into()));
         }
@@ -955,4 +963,59 @@ pub fn argmax(x: ndarray::ArrayView1<f32>) -> u32 {
         }
     }
     best.1 as u32
+}
+
+/// One layer's weights, borrowed (matrices `[out, in]`, row-major), for other backends.
+pub struct LayerWeights<'a> {
+    pub attn_norm: &'a Array1<f32>,
+    pub wq: &'a Array2<f32>,
+    pub wk: &'a Array2<f32>,
+    pub wv: &'a Array2<f32>,
+    pub wo: &'a Array2<f32>,
+    /// Biases of q, k (rows in the adjacent-pairs order, like `wq`, `wk`), v and o;
+    /// `None` for SmolLM2 and llama without `attention_bias`, q/k/v for qwen2.
+    pub bq: Option<&'a Array1<f32>>,
+    pub bk: Option<&'a Array1<f32>>,
+    pub bv: Option<&'a Array1<f32>>,
+    pub bo: Option<&'a Array1<f32>>,
+    pub ffn_norm: &'a Array1<f32>,
+    pub w_gate: &'a Array2<f32>,
+    pub w_up: &'a Array2<f32>,
+    pub w_down: &'a Array2<f32>,
+}
+
+impl Llama {
+    /// The weights of layer `i` (`None` past the last layer).
+    pub fn layer_weights(&self, i: usize) -> Option<LayerWeights<'_>> {
+        self.layers.get(i).map(|l| LayerWeights {
+            attn_norm: &l.attn_norm,
+            wq: &l.wq,
+            wk: &l.wk,
+            wv: &l.wv,
+            wo: &l.wo,
+            bq: l.bq.as_ref(),
+            bk: l.bk.as_ref(),
+            bv: l.bv.as_ref(),
+            bo: l.bo.as_ref(),
+            ffn_norm: &l.ffn_norm,
+            w_gate: &l.w_gate,
+            w_up: &l.w_up,
+            w_down: &l.w_down,
+        })
+    }
+
+    /// The token embedding `[vocab, hidden]`.
+    pub fn token_embedding(&self) -> &Array2<f32> {
+        &self.tok_embd
+    }
+
+    /// The final RMSNorm's weight `[hidden]`.
+    pub fn output_norm(&self) -> &Array1<f32> {
+        &self.out_norm
+    }
+
+    /// The output head `[vocab, hidden]` (the token embedding when tied).
+    pub fn output_head(&self) -> &Array2<f32> {
+        self.output_matrix()
+    }
 }

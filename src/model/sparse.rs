@@ -1,18 +1,18 @@
 //! TCA and its peer policies inside the model's forward pass.
 //!
 //! Nothing here re-implements selection: each layer's f32 Q/K/V become the f64
-//! [`Heads`] of the reference code, [`crate::selection::select`] runs SPEC section 1
+//! [`Heads`] of the reference code, [`crate::selection::select`] runs docs/algorithm.md §1
 //! with the layer's calibrated budgets (a multi-layer [`Profile`]), the peer policies of
-//! SPEC section 5 are built from that selection exactly as
+//! docs/algorithm.md §5 are built from that selection exactly as
 //! [`crate::selection::policies::key_sets`] builds them, and the f32
 //! [`attend_key_sets`] (tested against the f64 [`crate::selection::sparse_attention`])
 //! computes the output on the layer's own f32 Q/K/V.
 //!
 //! - [`SparsePolicy`]: an [`AttentionPolicy`] for prefill (TCA or a peer at TCA's
 //!   budget), recording per layer the keep fraction it used;
-//! - [`CalibrationHook`]: calibrates every layer (SPEC section 2) during one exact
+//! - [`CalibrationHook`]: calibrates every layer (docs/algorithm.md §2) during one exact
 //!   forward pass over a calibration text, for one or more tau;
-//! - [`TcaDecode`]: the compacted decoding cache of SPEC section 3 per layer and KV
+//! - [`TcaDecode`]: the compacted decoding cache of docs/algorithm.md §3 per layer and KV
 //!   head ([`crate::decode::KvCache`]), filled by a TCA prefill;
 //! - [`generate_tca`]: greedy generation with a TCA prefill and the TCA cache.
 
@@ -180,7 +180,7 @@ impl AttentionPolicy for SparsePolicy {
     }
 }
 
-/// The TCA decoding cache of every layer and KV head (SPEC section 3) in f64.
+/// The TCA decoding cache of every layer and KV head (docs/algorithm.md §3) in f64.
 pub struct TcaDecode {
     config: Config,
     /// layer -> KV head -> cache
@@ -343,7 +343,7 @@ pub fn generate_tca(
 }
 
 /// Calibrates every layer during one exact forward pass, once per tau of `taus`
-/// (everything else from `config`): SPEC section 2 via
+/// (everything else from `config`): docs/algorithm.md §2 via
 /// [`crate::calibration::calibrate_layer`].
 pub struct CalibrationHook {
     config: Config,

@@ -1,4 +1,4 @@
-//! Candidate blocks, their redundancy scores (SPEC 1.3, Eq. 6) and ranking (1.4, Eq. 7).
+//! Candidate blocks, their redundancy scores (docs/algorithm.md §1.3, Eq. 6), ranking (§1.4).
 
 use crate::config::{Config, MassNorm};
 

@@ -1,4 +1,4 @@
-//! Token importance of a KV head (SPEC 1.1, paper Eq. 5).
+//! Token importance of a KV head (docs/algorithm.md §1.1, paper Eq. 5).
 
 use crate::config::{Config, GqaReduce};
 use crate::data::Heads;

@@ -1,5 +1,5 @@
-//! Online core-context selection and sparse attention (SPEC section 1), plus the peer
-//! selection policies of SPEC section 5.
+//! Online core-context selection and sparse attention (docs/algorithm.md §1), plus the peer
+//! selection policies of docs/algorithm.md §5.
 
 pub mod blocks;
 pub mod budget;

@@ -1,4 +1,4 @@
-//! Peer selection policies (SPEC section 5), compared with TCA at equal kept-token
+//! Peer selection policies (docs/algorithm.md §5), compared with TCA at equal kept-token
 //! budget: each keeps, at every query, as many keys as TCA's S_i (except the cumulative
 //! threshold, which sets its own budget and reports it).
 

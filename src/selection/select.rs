@@ -1,4 +1,4 @@
-//! Online core-context selection (SPEC section 1): importance, ranking, per-block budgets
+//! Online core-context selection (docs/algorithm.md §1): importance, ranking, per-block budgets
 //! and the per-query key sets S_i = W_i union {j in S_G : j <= i}.
 
 use super::blocks::{candidate_blocks, rank, redundancy, top_t, BlockScores};
@@ -23,7 +23,7 @@ pub struct HeadRanking {
 }
 
 impl HeadRanking {
-    /// Steps 1-4 of SPEC section 1 for KV head `kv`.
+    /// Steps 1-4 of docs/algorithm.md §1 for KV head `kv`.
     pub fn new(heads: &Heads, kv: usize, cfg: &Config) -> Self {
         let importance = importance(heads, kv, cfg);
         let blocks = candidate_blocks(heads.len(), cfg);
@@ -42,8 +42,9 @@ impl HeadRanking {
     pub fn select(&self, budget: &Budget) -> (Vec<usize>, Vec<usize>) {
         let nb = self.blocks.len();
         let mut t = vec![0; nb];
+        let by_rank = budget.block_budgets(nb);
         for (r, &j) in self.order.iter().enumerate() {
-            t[j] = budget.block_budget(r, nb).min(self.blocks[j].len());
+            t[j] = by_rank[r].min(self.blocks[j].len());
         }
         let global = self
             .blocks
@@ -120,7 +121,7 @@ pub fn key_set(global: &[usize], window: usize, i: usize) -> impl Iterator<Item 
     global[..n].iter().copied().chain(lo..=i)
 }
 
-/// Runs SPEC section 1 for every KV head with its budget distribution (one per KV head,
+/// Runs docs/algorithm.md §1 for every KV head with its budget distribution (one per KV head,
 /// each over k = 1..b).
 pub fn select(heads: &Heads, cfg: &Config, budgets: &[Budget]) -> Result<Selection> {
     cfg.validate()?;

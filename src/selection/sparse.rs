@@ -1,4 +1,4 @@
-//! Sparse attention (SPEC 1.8, Eq. 2): O~_i = sum_{j in S_i} softmax_{S_i}(A_ij) v_j.
+//! Sparse attention (docs/algorithm.md §1.8): O~_i = sum_{j in S_i} softmax_{S_i}(A_ij) v_j.
 
 use super::select::KeySets;
 use crate::data::Heads;

@@ -1,0 +1,572 @@
+//! The llama forward on the GPU, the same computation as [`Llama`]'s CPU prefill:
+//! per layer `x += Wo · attn(rope(Wq n(x)), rope(Wk n(x)), Wv n(x))`, then
+//! `x += Wdown (silu(Wgate n(x)) ⊙ Wup n(x))`; logits `Wout n(x)`.
+//!
+//! Precision: the residual stream x and every GEMM output are f32; GEMM inputs
+//! (weights, normed activations, attention output, the SiLU product) are f16 (see
+//! [`super::weights`] for why not bf16); Q, K, V and the attention output are bf16 (the
+//! attention kernels' format). Everything stays on the device between the embedding and the per-row NLLs: the
+//! projections write the fused `[L, (Hq + 2 Hkv) d]`, `tca_rope_split` writes the
+//! attention kernels' `[H, L, d]` [`DevHeads`] directly (no host round trip).
+//!
+//! Attention: dense causal ([`prefill::run_dense`]) or TCA (per layer and KV head the
+//! budgets of the multi-layer profile, the GPU selection [`run_select`] and the sparse
+//! prefill [`prefill::run_sparse`]); with L <= w TCA keeps every key and the dense kernel
+//! runs, as on the CPU.
+//!
+//! Checks: attention outputs and logit chunks are NaN-poisoned before their kernels;
+//! after each layer the non-finite values of x are counted on the device, and a forward
+//! whose x (or whose NLLs) holds any fails, naming the first such layer.
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
+use ndarray::Array3;
+
+use super::super::prefill::{self, DevAttention};
+use super::super::selection::{download_selection, run_select, DevSelection, HostSelection};
+use super::super::{backend::select_params, bf16_to_f32, Ctx, DevHeads, Gpu, GpuError, GpuResult};
+use super::super::{DIMS, GROUPS};
+use super::gemm::Blas;
+use super::glue;
+use super::weights::DevWeights;
+use crate::calibration::Profile;
+use crate::config::Config;
+use crate::model::llama::{rope_tables, Capture, Llama, LlamaConfig, QkvHook, Score};
+use crate::selection::{select, window_start};
+
+/// Target rows per logits chunk (`[CHUNK, vocab]` f32 on the device).
+pub const LOGIT_CHUNK: usize = 1024;
+
+/// The attention of a GPU forward.
+#[derive(Clone, Copy)]
+pub enum GpuAttn<'a> {
+    Exact,
+    /// TCA with the profile's per-layer, per-KV-head budgets.
+    Tca {
+        config: &'a Config,
+        profile: &'a Profile,
+    },
+}
+
+/// What TCA kept at one layer (GPU selection).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerKeep {
+    pub layer: usize,
+    /// Mean over (query head, query) of |S_i| / (i + 1).
+    pub keep_fraction: f64,
+    /// S_G per KV head (ascending positions).
+    pub global: Vec<Vec<usize>>,
+    /// With `check_selection`: per KV head, the size of the symmetric difference
+    /// between the GPU's S_G and the f64 oracle's on the same (bf16) Q, K, V.
+    pub oracle_diff: Option<Vec<usize>>,
+}
+
+/// What a forward reports besides its output.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardStats {
+    /// TCA only: one entry per layer run.
+    pub keep: Vec<LayerKeep>,
+}
+
+/// Mean over KV heads (each standing for g query heads) and queries of |S_i| / (i + 1),
+/// with S_i = {j in S_G : j < max(0, i - w + 1)} ∪ the window (SPEC 1.7).
+pub fn keep_fraction(global: &[Vec<usize>], window: usize, len: usize) -> f64 {
+    let mut frac = 0.0;
+    for g in global {
+        for i in 0..len {
+            let lo = window_start(window, i);
+            let kept = g.partition_point(|&j| j < lo) + (i + 1 - lo);
+            frac += kept as f64 / (i + 1) as f64;
+        }
+    }
+    frac / (global.len() * len).max(1) as f64
+}
+
+/// Called after a layer's attention (the stream synchronised) with the layer, its Q, K,
+/// V and TCA's selection, if any.
+type Inspect<'a> = &'a mut dyn FnMut(usize, &DevHeads, Option<&DevSelection>) -> GpuResult<()>;
+
+/// Device buffers of one forward over L tokens.
+struct Work {
+    l: usize,
+    tokens: CudaSlice<u32>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    /// Residual stream `[L, hidden]`.
+    x: CudaSlice<f32>,
+    /// Normed x `[L, hidden]` (f16).
+    xn: CudaSlice<u16>,
+    /// `[L, (Hq + 2 Hkv) d]`
+    qkv: CudaSlice<f32>,
+    heads: DevHeads,
+    att: DevAttention,
+    /// Attention output `[L, Hq d]` (f16).
+    merged: CudaSlice<u16>,
+    /// gate|up `[L, 2 F]`
+    gu: CudaSlice<f32>,
+    /// silu(gate) * up `[L, F]` (f16).
+    act: CudaSlice<u16>,
+    /// Non-finite values of x after each layer.
+    bad: CudaSlice<u32>,
+    /// Per layer, TCA's selection buffers (`None`: dense attention at this layer).
+    sels: Vec<Option<DevSelection>>,
+}
+
+/// The model on one GPU: weights (f16) and a cuBLAS handle.
+pub struct GpuModel {
+    pub gpu: Gpu,
+    blas: Blas,
+    weights: DevWeights,
+}
+
+fn tca_err(e: crate::TcaError) -> GpuError {
+    GpuError::Invalid(e.to_string())
+}
+
+impl GpuModel {
+    /// Opens the device, loads the kernels and cuBLAS, uploads `llama`'s weights.
+    pub fn new(llama: &Llama) -> GpuResult<Self> {
+        let c = &llama.config;
+        if !DIMS.contains(&c.head_dim) || !GROUPS.contains(&(c.n_heads / c.n_kv_heads)) {
+            return Err(GpuError::Invalid(format!(
+                "no attention kernel for head dim {} and group {} (have {DIMS:?}, {GROUPS:?})",
+                c.head_dim,
+                c.n_heads / c.n_kv_heads
+            )));
+        }
+        let gpu = Gpu::new()?;
+        let blas = Blas::new(&gpu)?;
+        let weights = DevWeights::upload(&gpu, llama)?;
+        gpu.sync()?;
+        Ok(GpuModel { gpu, blas, weights })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.weights.config
+    }
+
+    /// Buffers for a forward over `tokens`; past the model's context only when
+    /// `beyond_context` (timing: RoPE extrapolates, the arithmetic is the same).
+    fn work(&self, tokens: &[u32], attn: GpuAttn, beyond_context: bool) -> GpuResult<Work> {
+        let c = self.config();
+        let (l, hid, d, hq, hkv) = (tokens.len(), c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
+        if l == 0 || (l > c.context && !beyond_context) {
+            return Err(GpuError::Invalid(format!(
+                "{l} tokens: need 1 ..= {} (the model's context)",
+                c.context
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(GpuError::Invalid(format!(
+                "token id {t} outside the vocabulary of {}",
+                c.vocab
+            )));
+        }
+        let g = &self.gpu;
+        let (cos, sin) = rope_tables(0, l, d, c.rope_base);
+        let sels = match attn {
+            GpuAttn::Exact => (0..c.n_layers).map(|_| None).collect(),
+            GpuAttn::Tca { config, profile } => {
+                let m = &profile.model;
+                if (m.num_q_heads, m.num_kv_heads, m.head_dim) != (hq, hkv, d) {
+                    return Err(GpuError::Invalid(format!(
+                        "profile made for {} query heads, {} KV heads, head dim {}; the model has {hq}, {hkv}, {d}",
+                        m.num_q_heads, m.num_kv_heads, m.head_dim
+                    )));
+                }
+                if profile.config.block_size != config.block_size {
+                    return Err(GpuError::Invalid(format!(
+                        "profile calibrated with block_size = {}, the configuration has {}",
+                        profile.config.block_size, config.block_size
+                    )));
+                }
+                let shape = DevHeads {
+                    q: g.alloc(1)?,
+                    k: g.alloc(1)?,
+                    v: g.alloc(1)?,
+                    hq,
+                    hkv,
+                    len: l,
+                    dim: d,
+                };
+                (0..c.n_layers)
+                    .map(|li| {
+                        if l <= config.window {
+                            return Ok(None);
+                        }
+                        let budgets = profile.budgets(li).map_err(tca_err)?;
+                        let p = select_params(l, config, &budgets)?;
+                        DevSelection::new(g, &shape, &p).map(Some)
+                    })
+                    .collect::<GpuResult<Vec<_>>>()?
+            }
+        };
+        let heads = DevHeads {
+            q: g.alloc(hq * l * d)?,
+            k: g.alloc(hkv * l * d)?,
+            v: g.alloc(hkv * l * d)?,
+            hq,
+            hkv,
+            len: l,
+            dim: d,
+        };
+        let att = DevAttention::new(g, &heads)?;
+        Ok(Work {
+            l,
+            tokens: g.upload(tokens)?,
+            cos: g.upload(
+                cos.as_slice()
+                    .ok_or_else(|| GpuError::Invalid("rope table layout".into()))?,
+            )?,
+            sin: g.upload(
+                sin.as_slice()
+                    .ok_or_else(|| GpuError::Invalid("rope table layout".into()))?,
+            )?,
+            x: g.alloc(l * hid)?,
+            xn: g.alloc(l * hid)?,
+            qkv: g.alloc(l * (hq + 2 * hkv) * d)?,
+            heads,
+            att,
+            merged: g.alloc(l * hq * d)?,
+            gu: g.alloc(l * 2 * c.ffn)?,
+            act: g.alloc(l * c.ffn)?,
+            bad: g.alloc(c.n_layers)?,
+            sels,
+        })
+    }
+
+    /// Queues layers `0 ..= last` on the stream. With `inspect`, after each layer's Q,
+    /// K, V (and TCA's selection) the stream is synchronised and `inspect` gets them.
+    fn layers(&self, w: &mut Work, last: usize, mut inspect: Option<Inspect<'_>>) -> GpuResult<()> {
+        let c = self.config().clone();
+        let g = &self.gpu;
+        let (l, hid, d, hq, hkv, ffn) = (w.l, c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+        g.stream
+            .memset_zeros(&mut w.bad)
+            .ctx("clear the non-finite counts")?;
+        glue::embed(g, &self.weights.embed, &w.tokens, &mut w.x, hid)?;
+        for li in 0..=last {
+            let lw = &self.weights.layers[li];
+            glue::rmsnorm(g, &w.x, &lw.attn_norm, &mut w.xn, (l, hid), c.rms_eps)?;
+            let nqkv = (hq + 2 * hkv) * d;
+            self.blas
+                .linear(&w.xn, &lw.wqkv, &mut w.qkv, (l, nqkv, hid), 0.0, "Q|K|V")?;
+            if inspect.is_some() {
+                // Q, K, V go to the host in these runs: poisoned, so that a value the
+                // kernel did not write shows as non-finite there.
+                g.poison(&mut w.heads.q)?;
+                g.poison(&mut w.heads.k)?;
+                g.poison(&mut w.heads.v)?;
+            }
+            glue::rope_split(
+                g,
+                &w.qkv,
+                &w.cos,
+                &w.sin,
+                &mut w.heads.q,
+                &mut w.heads.k,
+                &mut w.heads.v,
+                (hq, hkv, l, d),
+            )?;
+            w.att.poison(g)?;
+            match w.sels[li].as_mut() {
+                None => prefill::run_dense(g, &w.heads, &mut w.att)?,
+                Some(sel) => {
+                    run_select(g, &w.heads, sel, None)?;
+                    prefill::run_sparse(g, &w.heads, sel, &mut w.att)?;
+                }
+            }
+            if let Some(f) = inspect.as_deref_mut() {
+                g.sync()?;
+                f(li, &w.heads, w.sels[li].as_ref())?;
+            }
+            glue::merge_heads(g, &w.att.o, &mut w.merged, (hq, l, d))?;
+            self.blas
+                .linear(&w.merged, &lw.wo, &mut w.x, (l, hid, hq * d), 1.0, "O")?;
+            glue::rmsnorm(g, &w.x, &lw.ffn_norm, &mut w.xn, (l, hid), c.rms_eps)?;
+            self.blas.linear(
+                &w.xn,
+                &lw.w_gate_up,
+                &mut w.gu,
+                (l, 2 * ffn, hid),
+                0.0,
+                "gate|up",
+            )?;
+            glue::silu_mul(g, &w.gu, &mut w.act, (l, ffn))?;
+            self.blas
+                .linear(&w.act, &lw.w_down, &mut w.x, (l, hid, ffn), 1.0, "down")?;
+            glue::count_nonfinite(g, &w.x, l * hid, &mut w.bad, li)?;
+        }
+        Ok(())
+    }
+
+    /// Fails naming the first layer whose residual stream held a non-finite value.
+    fn check_finite(&self, w: &Work) -> GpuResult<()> {
+        let bad = self.gpu.download(&w.bad)?;
+        match bad.iter().position(|&n| n > 0) {
+            Some(li) => Err(GpuError::Invalid(format!(
+                "non-finite values in the residual stream after layer {li} ({} of {})",
+                bad[li],
+                w.l * self.config().hidden
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Negative log-likelihood and top-1 hit of every target `tokens[t]`,
+    /// `t = max(first_target, 1) .. L` (as [`Llama::score`]). With `check_selection`
+    /// (TCA), each layer's GPU S_G is compared with the f64 oracle's selection on the
+    /// same bf16 Q, K, V.
+    pub fn score(
+        &self,
+        tokens: &[u32],
+        attn: GpuAttn,
+        first_target: usize,
+        check_selection: bool,
+    ) -> GpuResult<(Score, ForwardStats)> {
+        let first = first_target.max(1);
+        if first >= tokens.len() {
+            return Err(GpuError::Invalid(format!(
+                "nothing to score: first target {first} but only {} tokens",
+                tokens.len()
+            )));
+        }
+        let c = self.config().clone();
+        let g = &self.gpu;
+        let mut w = self.work(tokens, attn, false)?;
+        let mut stats = ForwardStats::default();
+        let tca_cfg = match attn {
+            GpuAttn::Tca { config, profile } => Some((config, profile)),
+            GpuAttn::Exact => None,
+        };
+        {
+            let mut inspect =
+                |li: usize, h: &DevHeads, sel: Option<&DevSelection>| -> GpuResult<()> {
+                    let (Some(sel), Some((cfg, profile))) = (sel, tca_cfg) else {
+                        return Ok(());
+                    };
+                    let hs: HostSelection = download_selection(g, h, sel)?;
+                    let oracle_diff = if check_selection {
+                        let heads = download_heads(g, h)?.to_heads().map_err(tca_err)?;
+                        let budgets = profile.budgets(li).map_err(tca_err)?;
+                        let cpu = select(&heads, cfg, &budgets).map_err(tca_err)?;
+                        Some(
+                            cpu.heads
+                                .iter()
+                                .zip(&hs.global)
+                                .map(|(a, b)| sym_diff(&a.global, b))
+                                .collect(),
+                        )
+                    } else {
+                        None
+                    };
+                    stats.keep.push(LayerKeep {
+                        layer: li,
+                        keep_fraction: keep_fraction(&hs.global, cfg.window, h.len),
+                        global: hs.global,
+                        oracle_diff,
+                    });
+                    Ok(())
+                };
+            let inspect: Option<Inspect<'_>> = if tca_cfg.is_some() {
+                Some(&mut inspect)
+            } else {
+                None
+            };
+            self.layers(&mut w, c.n_layers - 1, inspect)?;
+        }
+        // Final norm, then the head and the per-row NLL chunk by chunk.
+        glue::rmsnorm(
+            g,
+            &w.x,
+            &self.weights.out_norm,
+            &mut w.xn,
+            (w.l, c.hidden),
+            c.rms_eps,
+        )?;
+        let targets = g.upload(&tokens[first..])?;
+        let n = tokens.len() - first;
+        // Poisoned: a row the kernel never wrote fails the checks below.
+        let mut nll = g.upload(&vec![f64::NAN; n])?;
+        let mut arg = g.upload(&vec![u32::MAX; n])?;
+        let mut logits = g.alloc::<f32>(LOGIT_CHUNK.min(n) * c.vocab)?;
+        for r0 in (0..n).step_by(LOGIT_CHUNK) {
+            let rows = LOGIT_CHUNK.min(n - r0);
+            // Row first - 1 + r of the normed hidden states predicts target r.
+            let h0 = (first - 1 + r0) * c.hidden;
+            let xs = w.xn.slice(h0..h0 + rows * c.hidden);
+            g.poison(&mut logits)?;
+            self.blas.linear(
+                &xs,
+                self.weights.head(),
+                &mut logits,
+                (rows, c.vocab, c.hidden),
+                0.0,
+                "output head",
+            )?;
+            glue::row_nll(
+                g,
+                &logits,
+                &targets,
+                &mut nll,
+                &mut arg,
+                (r0, rows, c.vocab),
+            )?;
+        }
+        g.sync()?;
+        self.check_finite(&w)?;
+        let nll = g.download(&nll)?;
+        let arg = g.download(&arg)?;
+        if let Some(i) = nll.iter().position(|v| !v.is_finite()) {
+            return Err(GpuError::Invalid(format!(
+                "non-finite NLL at target position {} (the output head)",
+                first + i
+            )));
+        }
+        if let Some(&a) = arg.iter().find(|&&a| a as usize >= c.vocab) {
+            return Err(GpuError::Invalid(format!(
+                "arg-max {a} outside the vocabulary"
+            )));
+        }
+        let score = Score {
+            first_target: first,
+            correct: arg
+                .iter()
+                .zip(&tokens[first..])
+                .map(|(a, t)| a == t)
+                .collect(),
+            nll,
+            argmax: arg,
+        };
+        Ok((score, stats))
+    }
+
+    /// Post-RoPE Q `[Hq, L, d]`, K and V `[Hkv, L, d]` of the given layers (exact
+    /// attention; bf16 values as f32); the forward stops after the last of them.
+    pub fn capture(&self, tokens: &[u32], layers: &[usize]) -> GpuResult<Capture> {
+        let mut cap = Capture::new(layers);
+        let last = *cap
+            .layers()
+            .last()
+            .ok_or_else(|| GpuError::Invalid("no layers to capture".into()))?;
+        if last >= self.config().n_layers {
+            return Err(GpuError::Invalid(format!(
+                "layer {last} asked for; the model has layers 0..{}",
+                self.config().n_layers - 1
+            )));
+        }
+        let g = &self.gpu;
+        let mut w = self.work(tokens, GpuAttn::Exact, false)?;
+        {
+            let mut inspect =
+                |li: usize, h: &DevHeads, _: Option<&DevSelection>| -> GpuResult<()> {
+                    if cap.layers().binary_search(&li).is_ok() {
+                        let q = download_heads(g, h)?;
+                        cap.record(li, q.q.view(), q.k.view(), q.v.view())
+                            .map_err(tca_err)?;
+                    }
+                    Ok(())
+                };
+            self.layers(&mut w, last, Some(&mut inspect))?;
+        }
+        g.sync()?;
+        // Layers before `last` are complete; `last` stopped after its attention input.
+        if last > 0 {
+            let bad = g.download(&w.bad)?;
+            if let Some(li) = bad[..last].iter().position(|&n| n > 0) {
+                return Err(GpuError::Invalid(format!(
+                    "non-finite values in the residual stream after layer {li}"
+                )));
+            }
+        }
+        for (li, qkv) in &cap.captured {
+            if [&qkv.q, &qkv.k, &qkv.v]
+                .iter()
+                .any(|a| a.iter().any(|v| !v.is_finite()))
+            {
+                return Err(GpuError::Invalid(format!(
+                    "non-finite Q, K or V at layer {li}"
+                )));
+            }
+        }
+        Ok(cap)
+    }
+
+    /// Milliseconds of `iters` prefills over `tokens` (all layers and the final norm, no
+    /// output head), timed with CUDA events after one untimed warm-up run. `tokens` may
+    /// be longer than the model's context (a throughput measurement only).
+    pub fn time_prefill(&self, tokens: &[u32], attn: GpuAttn, iters: usize) -> GpuResult<Vec<f64>> {
+        let c = self.config().clone();
+        let g = &self.gpu;
+        let mut w = self.work(tokens, attn, true)?;
+        let ev = |_| {
+            g.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .ctx("cuEventCreate")
+        };
+        let (e0, e1) = (ev(0)?, ev(1)?);
+        let mut out = Vec::with_capacity(iters);
+        for it in 0..=iters {
+            // The spin lets the host queue the whole forward before the start event.
+            g.spin(5000)?;
+            e0.record(&g.stream).ctx("cuEventRecord")?;
+            self.layers(&mut w, c.n_layers - 1, None)?;
+            glue::rmsnorm(
+                g,
+                &w.x,
+                &self.weights.out_norm,
+                &mut w.xn,
+                (w.l, c.hidden),
+                c.rms_eps,
+            )?;
+            e1.record(&g.stream).ctx("cuEventRecord")?;
+            g.sync()?;
+            self.check_finite(&w)?;
+            if it > 0 {
+                out.push(e0.elapsed_ms(&e1).ctx("cuEventElapsedTime")? as f64);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Q, K, V of a layer on the host (bf16 values as f32).
+fn download_heads(g: &Gpu, h: &DevHeads) -> GpuResult<crate::model::llama::Qkv> {
+    let f = |x: &CudaSlice<u16>, heads: usize| -> GpuResult<Array3<f32>> {
+        let v: Vec<f32> = g
+            .download(x)?
+            .iter()
+            .take(heads * h.len * h.dim)
+            .map(|&b| bf16_to_f32(b))
+            .collect();
+        Array3::from_shape_vec((heads, h.len, h.dim), v)
+            .map_err(|e| GpuError::Invalid(e.to_string()))
+    };
+    Ok(crate::model::llama::Qkv {
+        q: f(&h.q, h.hq)?,
+        k: f(&h.k, h.hkv)?,
+        v: f(&h.v, h.hkv)?,
+    })
+}
+
+/// |a Δ b| of two ascending position lists.
+pub fn sym_diff(a: &[usize], b: &[usize]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Less => {
+                n += 1;
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                n += 1;
+                j += 1;
+            }
+        }
+    }
+    n + (a.len() - i) + (b.len() - j)
+}

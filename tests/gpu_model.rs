@@ -1,0 +1,251 @@
+//! The model forward on the GPU (feature `cuda`). The host-side pieces (GEMM argument
+//! layout, f16 weight packing, the keep fraction and set difference) are tested on the
+//! CPU; the forward itself against the CPU forward where a device is present (skipped,
+//! with a message, elsewhere).
+#![cfg(feature = "cuda")]
+
+use std::sync::OnceLock;
+
+use ndarray::{Array2, ShapeBuilder};
+use tca::cli::model::{perplexity, AttentionKind, CalibrationArgs, PerplexityArgs};
+use tca::cuda::model::gemm::GemmShape;
+use tca::cuda::model::weights::{f32_to_f16, host_layer, stack_f16};
+use tca::cuda::model::{keep_fraction, sym_diff, GpuAttn, GpuModel};
+use tca::model::sparse::{calibrate_model, SparsePolicy};
+use tca::model::{assets, Exact, Model};
+use tca::selection::key_set;
+use tca::selection::policies::Policy;
+use tca::Config;
+
+fn model() -> Option<&'static Model> {
+    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| match assets::model_path(None) {
+            Ok(p) => Some(Model::load(&p).expect("the cached GGUF loads")),
+            Err(e) => {
+                if std::env::var("TCA_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
+                    eprintln!("skipping model test (TCA_SKIP_MODEL_TESTS=1): {e}");
+                    None
+                } else {
+                    panic!("{e}\nrun scripts/fetch-assets first (or set TCA_SKIP_MODEL_TESTS=1)")
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// A small deterministic matrix with varied values.
+fn mat(rows: usize, cols: usize, seed: u32) -> Array2<f32> {
+    Array2::from_shape_fn((rows, cols), |(i, j)| {
+        let h = (i as u32 * 7919 + j as u32 * 104_729 + seed * 31).wrapping_mul(2_654_435_761);
+        (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    })
+}
+
+#[test]
+fn gemm_arguments_compute_x_times_w_transposed() {
+    // Row-major x [n, in] and w [out, in] as cuBLAS sees them (column-major), through
+    // the arguments the GPU forward passes: y [n, out] row-major = x · wᵀ (+ y).
+    for (n, out, inn) in [(5, 3, 7), (1, 4, 2), (9, 16, 8)] {
+        let x = mat(n, inn, 1);
+        let w = mat(out, inn, 2);
+        let s = GemmShape::for_linear(n, out, inn).unwrap();
+        let (xs, ws) = (x.as_slice().unwrap(), w.as_slice().unwrap());
+        let mut y = vec![0.0f32; n * out];
+        s.reference(ws, xs, &mut y, 0.0);
+        let want = x.dot(&w.t());
+        let got = Array2::from_shape_vec((n, out), y.clone()).unwrap();
+        let err = (&got - &want).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(err < 1e-5, "({n}, {out}, {inn}): {err}");
+        // beta = 1 accumulates (the residual adds).
+        s.reference(ws, xs, &mut y, 1.0);
+        let got2 = Array2::from_shape_vec((n, out), y).unwrap();
+        let err = (&got2 - &(2.0 * &want))
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(err < 1e-5, "accumulate ({n}, {out}, {inn}): {err}");
+    }
+    assert!(GemmShape::for_linear(0, 3, 4).is_err());
+    assert!(GemmShape::for_linear(3, 0, 4).is_err());
+    assert!(GemmShape::for_linear(3, 4, usize::MAX).is_err());
+}
+
+#[test]
+fn stacked_f16_weights_keep_row_order_whatever_the_layout() {
+    let a = mat(3, 4, 3);
+    // The same values in column-major memory: the packing follows logical order.
+    let mut b = Array2::<f32>::zeros((2, 4).f());
+    b.assign(&mat(2, 4, 4));
+    let s = stack_f16(&[&a, &b]).unwrap();
+    assert_eq!(s.len(), 20);
+    for (r, row) in a.rows().into_iter().chain(b.rows()).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            assert_eq!(s[r * 4 + c], f32_to_f16(v), "row {r} col {c}");
+            let back = half::f16::from_bits(s[r * 4 + c]).to_f32();
+            assert!((back - v).abs() <= v.abs() / 2048.0 + 6e-8, "{v} -> {back}");
+        }
+    }
+    assert!(stack_f16(&[&a, &mat(2, 3, 5)]).is_err());
+}
+
+#[test]
+fn model_weights_pack_into_the_device_layout() {
+    let Some(m) = model() else { return };
+    let c = &m.llama.config;
+    let layer = c.n_layers - 1;
+    let h = host_layer(&m.llama, layer).unwrap();
+    let w = m.llama.layer_weights(layer).unwrap();
+    let (d, hq, hkv, hid) = (c.head_dim, c.n_heads, c.n_kv_heads, c.hidden);
+    assert_eq!(h.wqkv.len(), (hq + 2 * hkv) * d * hid);
+    assert_eq!(h.w_gate_up.len(), 2 * c.ffn * hid);
+    assert_eq!(h.w_down.len(), hid * c.ffn);
+    // Q rows, then K, then V; gate rows, then up.
+    let row = |v: &[u16], r: usize, n: usize| v[r * n..(r + 1) * n].to_vec();
+    let bf = |a: ndarray::ArrayView1<f32>| a.iter().map(|&x| f32_to_f16(x)).collect::<Vec<_>>();
+    assert_eq!(row(&h.wqkv, 0, hid), bf(w.wq.row(0)));
+    assert_eq!(row(&h.wqkv, hq * d, hid), bf(w.wk.row(0)));
+    assert_eq!(row(&h.wqkv, (hq + hkv) * d + 5, hid), bf(w.wv.row(5)));
+    assert_eq!(row(&h.w_gate_up, c.ffn + 3, hid), bf(w.w_up.row(3)));
+    assert_eq!(row(&h.wo, 2, hq * d), bf(w.wo.row(2)));
+    assert_eq!(h.attn_norm, w.attn_norm.to_vec());
+    assert!(m.llama.layer_weights(c.n_layers).is_none());
+}
+
+#[test]
+fn keep_fraction_counts_the_key_sets() {
+    let global = vec![vec![0, 3, 5], vec![], vec![1, 2, 3, 4, 5, 6]];
+    let (w, l) = (3, 12);
+    let mut want = 0.0;
+    for g in &global {
+        for i in 0..l {
+            want += key_set(g, w, i).count() as f64 / (i + 1) as f64;
+        }
+    }
+    want /= (global.len() * l) as f64;
+    assert!((keep_fraction(&global, w, l) - want).abs() < 1e-12);
+    assert_eq!(sym_diff(&[1, 4, 7], &[1, 5, 7, 9]), 3);
+    assert_eq!(sym_diff(&[], &[2]), 1);
+    assert_eq!(sym_diff(&[2, 3], &[2, 3]), 0);
+}
+
+fn gpu_model(m: &Model) -> Option<GpuModel> {
+    match GpuModel::new(&m.llama) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn gpu_forward_matches_the_cpu_forward() {
+    let Some(m) = model() else { return };
+    let Some(g) = gpu_model(m) else { return };
+    let tokens = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..3000])
+        .unwrap();
+    let tokens = &tokens[..300];
+    let cpu = m.llama.score(tokens, &Exact::default(), 0).unwrap();
+    let (gpu, _) = g.score(tokens, GpuAttn::Exact, 0, false).unwrap();
+    let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
+    assert!(
+        rel < 0.01,
+        "perplexity cpu {} gpu {}",
+        cpu.perplexity(),
+        gpu.perplexity()
+    );
+    assert!(gpu.agreement(&cpu).unwrap() >= 0.95);
+    let cc = m.llama.capture(tokens, &[0, 7]).unwrap();
+    let gc = g.capture(tokens, &[0, 7]).unwrap();
+    for l in [0, 7] {
+        let (a, b) = (&gc.captured[&l].k, &cc.captured[&l].k);
+        let num: f32 = (a - b).iter().map(|x| x * x).sum();
+        let den: f32 = b.iter().map(|x| x * x).sum();
+        assert!(
+            (num / den).sqrt() < 1e-2,
+            "layer {l} K rel. error {}",
+            (num / den).sqrt()
+        );
+    }
+    assert!(g.score(&tokens[..1], GpuAttn::Exact, 0, false).is_err());
+    assert!(g.score(&[u32::MAX, 1], GpuAttn::Exact, 0, false).is_err());
+    assert!(g.capture(tokens, &[m.llama.config.n_layers]).is_err());
+}
+
+#[test]
+fn gpu_tca_matches_the_cpu_tca() {
+    let Some(m) = model() else { return };
+    let Some(g) = gpu_model(m) else { return };
+    let cfg = Config {
+        block_size: 16,
+        window: 32,
+        tau: 0.95,
+        ..Config::default()
+    };
+    let all = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
+        .unwrap();
+    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let tokens = &all[..256];
+    let pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof.clone()).unwrap();
+    let cpu = m.llama.score(tokens, &pol, 0).unwrap();
+    let attn = GpuAttn::Tca {
+        config: &cfg,
+        profile: &prof,
+    };
+    let (gpu, stats) = g.score(tokens, attn, 0, true).unwrap();
+    assert_eq!(stats.keep.len(), m.llama.config.n_layers);
+    let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
+    assert!(
+        rel < 0.02,
+        "tca perplexity cpu {} gpu {}",
+        cpu.perplexity(),
+        gpu.perplexity()
+    );
+    let keep = stats.keep.iter().map(|k| k.keep_fraction).sum::<f64>() / stats.keep.len() as f64;
+    assert!(keep < 1.0 && (keep - pol.mean_keep_fraction()).abs() < 0.05);
+    let ms = g.time_prefill(tokens, attn, 2).unwrap();
+    assert!(ms.len() == 2 && ms.iter().all(|&t| t > 0.0));
+}
+
+#[test]
+fn perplexity_cli_on_the_cuda_backend() {
+    let Some(_) = model() else { return };
+    let args = PerplexityArgs {
+        text: None,
+        tokens: 64,
+        from: 0,
+        attention: AttentionKind::Exact,
+        calibration: CalibrationArgs {
+            config: None,
+            profile: None,
+            calib_offset: 100_000,
+            calib_tokens: 2048,
+            calib_text: None,
+        },
+        model: None,
+        backend: tca::backend::BackendKind::Cuda,
+    };
+    match perplexity(&args) {
+        Ok(r) => assert_eq!(r.score.nll.len(), 63),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("backend"), "{e}");
+            println!("skipping GPU part: {e}");
+        }
+    }
+    // A policy the GPU does not run is refused on any machine, before the device.
+    let e = perplexity(&PerplexityArgs {
+        attention: AttentionKind::StreamingLlm,
+        ..args
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("CPU only"), "{e}");
+}
