@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
+use tca::backend::BackendKind;
 use tca::cli::model::{
     perplexity, run_calibrate_model, run_capture, run_export_hf, AttentionKind, CalibrateModelArgs,
     CalibrationArgs, CaptureArgs, ExportHfArgs, PerplexityArgs,
@@ -151,6 +152,7 @@ fn smollm2_export_runs_like_the_gguf() {
             attention: AttentionKind::Exact,
             calibration: calib.clone(),
             model: Some(model.to_path_buf()),
+            backend: BackendKind::Cpu,
         })
         .unwrap()
     };
@@ -176,6 +178,7 @@ fn smollm2_export_runs_like_the_gguf() {
             out: out.join(format!("{tag}.safetensors")),
             force: false,
             model: Some(model.clone()),
+            backend: BackendKind::Cpu,
         })
         .unwrap();
         run_calibrate_model(CalibrateModelArgs {
