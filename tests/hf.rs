@@ -740,6 +740,26 @@ fn unsupported_checkpoints_are_clear_errors() {
     // The export refuses to overwrite a checkpoint without --force.
     let src = tmp.path().join("src");
     write_checkpoint(&src, &tiny_config(), &tensors, Dtype::F32, 1);
+    // The GPU forward does not apply biases yet: refused before any device is sought.
+    let e = perplexity(&PerplexityArgs {
+        text: None,
+        tokens: 8,
+        from: 0,
+        attention: AttentionKind::Exact,
+        calibration: CalibrationArgs {
+            config: None,
+            profile: None,
+            calib_offset: 0,
+            calib_tokens: 8,
+            calib_text: None,
+        },
+        model: Some(src.clone()),
+        backend: BackendKind::Cuda,
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("attention biases"), "{e}");
     let e = run_export_hf(ExportHfArgs {
         out: src.clone(),
         force: false,

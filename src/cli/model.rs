@@ -440,7 +440,10 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
     let t1 = Instant::now();
     let mut cap = match args.backend {
         BackendKind::Cpu => model.llama.capture(&tokens, &layers)?,
-        BackendKind::Cuda => capture_cuda(&model, &tokens, &layers)?,
+        BackendKind::Cuda => {
+            cuda_supports(&model)?;
+            capture_cuda(&model, &tokens, &layers)?
+        }
     };
     let t2 = Instant::now();
 
@@ -526,6 +529,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     let cfg = args.calibration.config()?;
     let t1 = Instant::now();
     if args.backend == BackendKind::Cuda {
+        cuda_supports(&model)?;
         let (score, keep_fraction, calibrate_s, open_s, forward_s) =
             score_cuda(args, &model, &tokens, &cfg)?;
         return Ok(PerplexityReport {
@@ -568,6 +572,38 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
         forward_s: (t3 - t2).as_secs_f64(),
         keep_fraction,
     })
+}
+
+/// An error when the model uses what the GPU forward does not apply yet: q/k/v/o
+/// biases (qwen2), `rope_scaling`, or a head dim other than hidden / heads.
+fn cuda_supports(model: &Model) -> Result<()> {
+    let c = &model.llama.config;
+    let mut uses = Vec::new();
+    if model
+        .llama
+        .layer_weights(0)
+        .is_some_and(|w| w.bq.is_some() || w.bk.is_some() || w.bv.is_some() || w.bo.is_some())
+    {
+        uses.push("attention biases".to_string());
+    }
+    if c.rope_scaling != crate::model::rope::RopeScaling::None {
+        uses.push(format!("rope_scaling {:?}", c.rope_scaling));
+    }
+    if c.head_dim * c.n_heads != c.hidden {
+        uses.push(format!(
+            "head dim {} with {} heads and hidden {}",
+            c.head_dim, c.n_heads, c.hidden
+        ));
+    }
+    if uses.is_empty() {
+        Ok(())
+    } else {
+        Err(TcaError::Backend(format!(
+            "the CUDA forward does not apply {} yet (model {}); use --backend cpu",
+            uses.join(", "),
+            model.name
+        )))
+    }
 }
 
 /// The GPU forward's capture (`--backend cuda`).
