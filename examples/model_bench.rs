@@ -33,7 +33,7 @@ fn main() -> tca::Result<()> {
     let model = Model::load(assets::model_path(None)?)?;
     println!("load: {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
-    let tokens = model.tokenizer.encode(assets::PRIDE_AND_PREJUDICE);
+    let tokens = model.tokenizer.encode(assets::PRIDE_AND_PREJUDICE)?;
     println!(
         "tokenize: {} tokens of the novel in {:.2} s",
         tokens.len(),
@@ -70,7 +70,7 @@ fn main() -> tca::Result<()> {
             "decode: prompt {prompt} prefilled in {tp:.2} s; {decode} greedy tokens in {td:.2} s, {:.1} tokens/s",
             decode as f64 / td
         );
-        println!("continuation: {:?}", model.tokenizer.decode(&out));
+        println!("continuation: {:?}", model.tokenizer.decode(&out)?);
     }
     Ok(())
 }

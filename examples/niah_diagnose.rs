@@ -31,11 +31,14 @@ fn main() -> tca::Result<()> {
     let cfg = Config::from_toml_str(MODEL_CONFIG)?;
     let prof = Profile::load(std::path::Path::new(path))?;
     let model = Model::load(assets::model_path(None)?)?;
-    let hay = model.tokenizer.encode(&assets::haystack(None)?);
+    let hay = model.tokenizer.encode(&assets::haystack(None)?)?;
     let number = needle_number(7, len, depth);
     let prompt = niah_prompt(&model, &hay, len, depth, number)?;
     let is_digit = |p: usize| {
-        let s = model.tokenizer.decode(&prompt[p..p + 1]);
+        let s = model
+            .tokenizer
+            .decode(&prompt[p..p + 1])
+            .unwrap_or_default();
         s.len() == 1 && s.chars().all(|c| c.is_ascii_digit())
     };
     let region = len.saturating_sub(cfg.window);
@@ -73,7 +76,7 @@ fn main() -> tca::Result<()> {
     for (n, &p) in digits.iter().enumerate() {
         println!(
             "digit {:?} at {p}: in S_G of {}/{} (layer, KV head)",
-            model.tokenizer.decode(&prompt[p..p + 1]),
+            model.tokenizer.decode(&prompt[p..p + 1])?,
             kept[n],
             total
         );

@@ -41,7 +41,7 @@ fn main() -> tca::Result<()> {
     }
     let cfg = Config::from_toml_str(MODEL_CONFIG)?;
     let model = Model::load(assets::model_path(None)?)?;
-    let tokens = model.tokenizer.encode(assets::PRIDE_AND_PREJUDICE);
+    let tokens = model.tokenizer.encode(assets::PRIDE_AND_PREJUDICE)?;
     if prompt + decode > tokens.len() || prompt == 0 || decode < 2 {
         return Err(TcaError::Invalid("bad --prompt/--decode".into()));
     }

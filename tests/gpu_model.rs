@@ -142,7 +142,10 @@ fn gpu_model(m: &Model) -> Option<GpuModel> {
 fn gpu_forward_matches_the_cpu_forward() {
     let Some(m) = model() else { return };
     let Some(g) = gpu_model(m) else { return };
-    let tokens = m.tokenizer.encode(&assets::PRIDE_AND_PREJUDICE[..3000]);
+    let tokens = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..3000])
+        .unwrap();
     let tokens = &tokens[..300];
     let cpu = m.llama.score(tokens, &Exact::default(), 0).unwrap();
     let (gpu, _) = g.score(tokens, GpuAttn::Exact, 0, false).unwrap();
@@ -181,7 +184,10 @@ fn gpu_tca_matches_the_cpu_tca() {
         tau: 0.95,
         ..Config::default()
     };
-    let all = m.tokenizer.encode(&assets::PRIDE_AND_PREJUDICE[..20_000]);
+    let all = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
+        .unwrap();
     let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
         .unwrap()
         .pop()

@@ -240,7 +240,7 @@ fn run(a: &Args) -> tca::Result<bool> {
     let t0 = Instant::now();
     let model = Model::load(assets::model_path(a.model.as_deref())?)?;
     let text = assets::read_text(None)?;
-    let all = model.tokenizer.encode(&text);
+    let all = model.tokenizer.encode(&text)?;
     let need = a.lens.iter().copied().max().unwrap_or(0).max(a.tokens);
     if all.len() < need {
         return Err(TcaError::Invalid(format!(

@@ -40,6 +40,8 @@ pub enum Command {
     Perplexity(model::PerplexityArgs),
     /// Calibrate every layer and KV head of SmolLM2-135M on a passage; write a profile.
     CalibrateModel(model::CalibrateModelArgs),
+    /// Write the model (default: the SmolLM2 GGUF) as a Hugging Face folder.
+    ExportHf(model::ExportHfArgs),
     /// Perplexity and top-1 agreement with exact attention, TCA across tau (table).
     QualityPpl(quality::QualityPplArgs),
     /// Needle-in-a-haystack retrieval for exact attention, TCA and the peers (table).
@@ -60,6 +62,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Capture(a) => model::run_capture(a),
         Command::Perplexity(a) => model::run_perplexity(a),
         Command::CalibrateModel(a) => model::run_calibrate_model(a),
+        Command::ExportHf(a) => model::run_export_hf(a),
         Command::QualityPpl(a) => quality::run_quality_ppl(a),
         Command::QualityNiah(a) => quality::run_quality_niah(a),
         Command::QualityHeads(a) => quality::run_quality_heads(a),

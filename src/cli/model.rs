@@ -1,7 +1,8 @@
 //! `tca capture` and `tca perplexity`: the real model (SmolLM2-135M-Instruct) on a text.
 //!
 //! Both read a text (default: the embedded *Pride and Prejudice*), tokenise it, and
-//! take its first `--tokens` tokens. The model is `--model PATH`, or
+//! take its first `--tokens` tokens. The model is `--model PATH` (a GGUF file or a
+//! Hugging Face folder, see `crate::model::hf`), or
 //! `SmolLM2-135M-Instruct.Q4_1.gguf` in the cache folder (`$TCA_CACHE`, else
 //! `./cache`, filled by `scripts/fetch-assets`).
 
@@ -172,7 +173,7 @@ pub fn calibration_tokens(
         )));
     }
     let text = assets::read_text(text)?;
-    let tokens = model.tokenizer.encode(&text);
+    let tokens = model.tokenizer.encode(&text)?;
     let end = offset.saturating_add(n);
     if end > tokens.len() {
         return Err(TcaError::Invalid(format!(
@@ -221,7 +222,8 @@ pub struct CalibrateModelArgs {
     /// Replace `--out` if it exists.
     #[arg(long)]
     pub force: bool,
-    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -274,6 +276,40 @@ pub fn run_calibrate_model(a: CalibrateModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// Arguments of `tca export-hf`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportHfArgs {
+    /// Output folder: config.json, model.safetensors (f32), tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace those files if they exist.
+    #[arg(long)]
+    pub force: bool,
+    /// Model to export: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// `tca export-hf`: write the model as a Hugging Face folder (f32 weights as loaded,
+/// q/k rows in Hugging Face's order), loadable with `--model DIR`.
+pub fn run_export_hf(a: ExportHfArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    crate::model::hf::export(&model, &a.out, a.force)?;
+    let c = &model.llama.config;
+    println!(
+        "wrote {} ({}: {} layers, hidden {}, vocab {}, f32) in {:.1} s",
+        a.out.display(),
+        model.name,
+        c.n_layers,
+        c.hidden,
+        c.vocab,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Arguments of `tca capture`.
 #[derive(Debug, Clone, Args)]
 pub struct CaptureArgs {
@@ -292,7 +328,8 @@ pub struct CaptureArgs {
     /// Overwrite `--out` if it exists.
     #[arg(long)]
     pub force: bool,
-    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Where the forward runs: cpu (f32) or cuda (f16 weights, bf16 Q/K/V, f32
@@ -319,7 +356,8 @@ pub struct PerplexityArgs {
     pub attention: AttentionKind,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
-    /// GGUF model file (default: the cache's SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Where the forward runs: cpu (f32) or cuda (f16 weights, bf16 Q/K/V, f32
@@ -394,7 +432,7 @@ fn load_inputs(
             model.llama.config.context
         )));
     }
-    let mut tokens = model.tokenizer.encode(&text);
+    let mut tokens = model.tokenizer.encode(&text)?;
     let total = tokens.len();
     if n > total {
         return Err(TcaError::Invalid(format!(
@@ -419,7 +457,10 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
     let t1 = Instant::now();
     let mut cap = match args.backend {
         BackendKind::Cpu => model.llama.capture(&tokens, &layers)?,
-        BackendKind::Cuda => capture_cuda(&model, &tokens, &layers)?,
+        BackendKind::Cuda => {
+            cuda_supports(&model)?;
+            capture_cuda(&model, &tokens, &layers)?
+        }
     };
     let t2 = Instant::now();
 
@@ -444,7 +485,7 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
     }
     let layer_list = format_layers(&layers);
     let meta = HashMap::from([
-        ("model".to_string(), assets::MODEL_NAME.to_string()),
+        ("model".to_string(), model.name.clone()),
         ("layers".to_string(), layer_list.clone()),
         ("tokens".to_string(), tokens.len().to_string()),
         (
@@ -484,6 +525,8 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
 /// The outcome of `tca perplexity`.
 #[derive(Debug, Clone)]
 pub struct PerplexityReport {
+    /// The model's name.
+    pub model: String,
     pub tokens: usize,
     pub text_tokens: usize,
     pub score: Score,
@@ -503,9 +546,11 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     let cfg = args.calibration.config()?;
     let t1 = Instant::now();
     if args.backend == BackendKind::Cuda {
+        cuda_supports(&model)?;
         let (score, keep_fraction, calibrate_s, open_s, forward_s) =
             score_cuda(args, &model, &tokens, &cfg)?;
         return Ok(PerplexityReport {
+            model: model.name.clone(),
             tokens: tokens.len(),
             text_tokens: total,
             score,
@@ -535,6 +580,7 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     };
     let t3 = Instant::now();
     Ok(PerplexityReport {
+        model: model.name.clone(),
         tokens: tokens.len(),
         text_tokens: total,
         score,
@@ -543,6 +589,38 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
         forward_s: (t3 - t2).as_secs_f64(),
         keep_fraction,
     })
+}
+
+/// An error when the model uses what the GPU forward does not apply yet: q/k/v/o
+/// biases (qwen2), `rope_scaling`, or a head dim other than hidden / heads.
+fn cuda_supports(model: &Model) -> Result<()> {
+    let c = &model.llama.config;
+    let mut uses = Vec::new();
+    if model
+        .llama
+        .layer_weights(0)
+        .is_some_and(|w| w.bq.is_some() || w.bk.is_some() || w.bv.is_some() || w.bo.is_some())
+    {
+        uses.push("attention biases".to_string());
+    }
+    if c.rope_scaling != crate::model::rope::RopeScaling::None {
+        uses.push(format!("rope_scaling {:?}", c.rope_scaling));
+    }
+    if c.head_dim * c.n_heads != c.hidden {
+        uses.push(format!(
+            "head dim {} with {} heads and hidden {}",
+            c.head_dim, c.n_heads, c.hidden
+        ));
+    }
+    if uses.is_empty() {
+        Ok(())
+    } else {
+        Err(TcaError::Backend(format!(
+            "the CUDA forward does not apply {} yet (model {}); use --backend cpu",
+            uses.join(", "),
+            model.name
+        )))
+    }
 }
 
 /// The GPU forward's capture (`--backend cuda`).
@@ -604,7 +682,7 @@ fn score_cuda(
 pub fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let r = perplexity(&args)?;
     let s = &r.score;
-    println!("model: {}", assets::MODEL_NAME);
+    println!("model: {}", r.model);
     if args.backend == BackendKind::Cuda {
         println!("backend: cuda (f16 weights, bf16 Q/K/V, f32 accumulation)");
     }

@@ -167,6 +167,8 @@ pub struct QualityPplArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub force: bool,
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -190,7 +192,7 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
     let cfg = a.calibration.config()?;
     let model = Model::load(assets::model_path(a.model.as_deref())?)?;
     let text = assets::read_text(a.text.as_deref())?;
-    let all = model.tokenizer.encode(&text);
+    let all = model.tokenizer.encode(&text)?;
     if let Some(&n) = lengths.iter().find(|&&n| n < 2 || n > all.len()) {
         return Err(TcaError::Invalid(format!(
             "--lengths: {n} is outside 2..={} (the text's tokens)",
@@ -306,6 +308,8 @@ pub struct QualityNiahArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub force: bool,
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -334,10 +338,10 @@ pub fn niah_prompt(
     let tok = &model.tokenizer;
     let needle = tok.encode(&format!(
         " The special magic number is {number}. Remember it: the special magic number is {number}."
-    ));
+    ))?;
     let question = tok.encode(
         "\n\nQuestion: What is the special magic number mentioned in the text above?\nAnswer: The special magic number is",
-    );
+    )?;
     let fixed = needle.len() + question.len();
     if len <= fixed + 16 {
         return Err(TcaError::Invalid(format!(
@@ -354,7 +358,7 @@ pub fn niah_prompt(
     let hay = &hay[..n_hay];
     let mut at = (n_hay as u64 * depth.min(100) / 100) as usize;
     // Move to just after the nearest full stop within 40 tokens before, if any.
-    let dot = tok.encode(".");
+    let dot = tok.encode(".")?;
     if at > 0 && at < n_hay {
         if let Some(p) = (at.saturating_sub(40)..at)
             .rev()
@@ -403,7 +407,7 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
     }
     let hay = model
         .tokenizer
-        .encode(&assets::haystack(a.essays.as_deref())?);
+        .encode(&assets::haystack(a.essays.as_deref())?)?;
     let profiles = if kinds
         .iter()
         .chain(&long_kinds)
@@ -486,7 +490,7 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                     f64::NAN
                 };
                 let secs = t.elapsed().as_secs_f64();
-                let answer = model.tokenizer.decode(&out);
+                let answer = model.tokenizer.decode(&out)?;
                 let digits: String = answer
                     .chars()
                     .skip_while(|c| !c.is_ascii_digit())
@@ -539,6 +543,8 @@ pub struct QualityHeadsArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub force: bool,
+    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
+    /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
 }
@@ -614,7 +620,7 @@ pub fn run_quality_heads(a: QualityHeadsArgs) -> Result<()> {
     let cfg = a.calibration.config()?;
     let model = Model::load(assets::model_path(a.model.as_deref())?)?;
     let text = assets::read_text(a.text.as_deref())?;
-    let mut tokens = model.tokenizer.encode(&text);
+    let mut tokens = model.tokenizer.encode(&text)?;
     if a.tokens < 2 || a.tokens > tokens.len() || a.tokens > model.llama.config.context {
         return Err(TcaError::Invalid(format!(
             "--tokens {} outside 2..={}",

@@ -85,7 +85,7 @@ pub fn capture_model_layers(quick: bool) -> Result<Option<Vec<Layer>>> {
         .into_iter()
         .filter(|&l| l < model.llama.config.n_layers)
         .collect();
-    let mut tokens = model.tokenizer.encode(&assets::read_text(None)?);
+    let mut tokens = model.tokenizer.encode(&assets::read_text(None)?)?;
     tokens.truncate(n);
     let pb = progress(1, "capture real layers");
     let cap = model.llama.capture(&tokens, &layers)?;

@@ -39,16 +39,17 @@ fn missing(what: &str, path: &Path) -> TcaError {
     ))
 }
 
-/// The GGUF model: `explicit` if given (it must exist), else `<cache>/MODEL_FILE`.
+/// The model: `explicit` if given (a GGUF file or a Hugging Face folder; it must
+/// exist), else `<cache>/MODEL_FILE`.
 pub fn model_path(explicit: Option<&Path>) -> Result<PathBuf> {
     let p = match explicit {
         Some(p) => p.to_path_buf(),
         None => cache_dir().join(MODEL_FILE),
     };
-    if p.is_file() {
+    if p.is_file() || (explicit.is_some() && p.is_dir()) {
         Ok(p)
     } else {
-        Err(missing("model file", &p))
+        Err(missing("model", &p))
     }
 }
 

@@ -5,9 +5,11 @@
 //! `x += Wdown · (silu(Wgate·n(x)) ⊙ Wup·n(x))`, with `n` an RMSNorm; the logits are
 //! `Wout · n(x)` (`Wout` = the token embedding when the output is tied).
 //!
-//! RoPE rotates adjacent pairs `(2i, 2i+1)` of each head by `pos * base^(-2i/d)`:
-//! llama.cpp's GGUF converter permutes the rows of `attn_q` and `attn_k` for exactly
-//! this (rotating halves `(i, i + d/2)` instead gives perplexities in the hundreds).
+//! With q/k/v biases (qwen2) `Wq·n(x) + bq` etc. RoPE rotates adjacent pairs
+//! `(2i, 2i+1)` of each head (see [`super::rope`]): llama.cpp's GGUF converter
+//! permutes the rows of `attn_q` and `attn_k` for exactly this (rotating halves
+//! `(i, i + d/2)` instead gives perplexities in the hundreds), and the Hugging Face
+//! loader ([`super::hf`]) applies the same permutation to its q/k rows and biases.
 //!
 //! Matrix products are ndarray `dot` / `general_mat_mul` (matrixmultiply's blocked
 //! f32 GEMM), parallelised over row blocks (prefill) or output columns (decode) with
@@ -22,10 +24,12 @@ use rayon::prelude::*;
 
 use super::attention::{softmax_rows_prefix, AttentionPolicy, Exact};
 use super::gguf::GgufFile;
+use super::rope::{apply_rope, Rope, RopeScaling};
 use super::tokenizer::Tokenizer;
 use crate::error::{Result, TcaError};
 
-/// Hyper-parameters read from the GGUF metadata (`llama.*`).
+/// Hyper-parameters read from the GGUF metadata (`llama.*`) or a Hugging Face
+/// `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub n_layers: usize,
@@ -36,40 +40,88 @@ pub struct LlamaConfig {
     pub ffn: usize,
     pub context: usize,
     pub vocab: usize,
+    /// RoPE base (`rope_theta`).
     pub rope_base: f64,
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f32,
 }
 
-struct Layer {
-    attn_norm: Array1<f32>,
-    wq: Array2<f32>, // [Hq*d, hidden]
-    wk: Array2<f32>, // [Hkv*d, hidden]
-    wv: Array2<f32>, // [Hkv*d, hidden]
-    wo: Array2<f32>, // [hidden, Hq*d]
-    ffn_norm: Array1<f32>,
-    w_gate: Array2<f32>, // [ffn, hidden]
-    w_up: Array2<f32>,   // [ffn, hidden]
-    w_down: Array2<f32>, // [hidden, ffn]
+impl LlamaConfig {
+    /// The RoPE of this model.
+    pub fn rope(&self) -> Rope {
+        Rope {
+            base: self.rope_base,
+            scaling: self.rope_scaling.clone(),
+        }
+    }
+
+    /// Check that the sizes fit together (the head dim need not be hidden / heads).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let c = self;
+        if c.n_heads == 0
+            || c.n_kv_heads == 0
+            || c.n_heads % c.n_kv_heads != 0
+            || c.head_dim == 0
+            || c.head_dim % 2 != 0
+            || c.hidden == 0
+            || c.ffn == 0
+            || c.vocab == 0
+            || c.n_layers == 0
+            || c.context == 0
+            || !(c.rope_base.is_finite() && c.rope_base > 1.0)
+            || !(c.rms_eps.is_finite() && c.rms_eps >= 0.0)
+        {
+            return Err(format!("inconsistent llama config {c:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// The weights of one layer (`[rows, cols]` = `[out, in]`; q/k rows in the
+/// adjacent-pairs order of [`super::rope`]).
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Array1<f32>,
+    pub(crate) wq: Array2<f32>, // [Hq*d, hidden]
+    pub(crate) wk: Array2<f32>, // [Hkv*d, hidden]
+    pub(crate) wv: Array2<f32>, // [Hkv*d, hidden]
+    pub(crate) wo: Array2<f32>, // [hidden, Hq*d]
+    /// Biases of q `[Hq*d]`, k and v `[Hkv*d]` (qwen2), of o `[hidden]` (llama's
+    /// `attention_bias`).
+    pub(crate) bq: Option<Array1<f32>>,
+    pub(crate) bk: Option<Array1<f32>>,
+    pub(crate) bv: Option<Array1<f32>>,
+    pub(crate) bo: Option<Array1<f32>>,
+    pub(crate) ffn_norm: Array1<f32>,
+    pub(crate) w_gate: Array2<f32>, // [ffn, hidden]
+    pub(crate) w_up: Array2<f32>,   // [ffn, hidden]
+    pub(crate) w_down: Array2<f32>, // [hidden, ffn]
 }
 
 /// A loaded llama model (f32 weights).
 pub struct Llama {
     pub config: LlamaConfig,
-    tok_embd: Array2<f32>, // [vocab, hidden]
-    layers: Vec<Layer>,
-    out_norm: Array1<f32>,
-    output: Option<Array2<f32>>, // [vocab, hidden]; None = tied to tok_embd
+    pub(crate) tok_embd: Array2<f32>, // [vocab, hidden]
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) out_norm: Array1<f32>,
+    pub(crate) output: Option<Array2<f32>>, // [vocab, hidden]; None = tied to tok_embd
 }
 
 /// A model with its tokenizer.
 pub struct Model {
+    /// A name for reports and capture metadata.
+    pub name: String,
     pub llama: Llama,
     pub tokenizer: Tokenizer,
 }
 
 impl Model {
-    /// Load a llama GGUF (weights F32/F16/Q8_0/Q4_1) and its tokenizer.
+    /// Load a model: a llama GGUF file (weights F32/F16/Q8_0/Q4_1, tokenizer from its
+    /// metadata), or a Hugging Face folder (see [`super::hf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            return super::hf::load(path);
+        }
         let g = GgufFile::open(path)?;
         let llama = Llama::from_gguf(&g)?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
@@ -83,7 +135,17 @@ impl Model {
                 ),
             });
         }
-        Ok(Model { llama, tokenizer })
+        let name = if path.file_name() == Some(super::assets::MODEL_FILE.as_ref()) {
+            super::assets::MODEL_NAME.to_owned()
+        } else {
+            path.file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        };
+        Ok(Model {
+            name,
+            llama,
+            tokenizer,
+        })
     }
 }
 
@@ -427,42 +489,10 @@ fn rms_norm(x: ArrayView2<f32>, w: &Array1<f32>, eps: f32) -> Array2<f32> {
     y
 }
 
-/// cos and sin tables `[n_pos, d/2]` for positions `pos0 .. pos0 + n_pos`.
+/// Unscaled cos and sin tables `[n_pos, d/2]` for positions `pos0 .. pos0 + n_pos`
+/// (no `rope_scaling`: the CPU forward uses [`LlamaConfig::rope`]).
 pub fn rope_tables(pos0: usize, n_pos: usize, d: usize, base: f64) -> (Array2<f32>, Array2<f32>) {
-    let half = d / 2;
-    let inv: Vec<f64> = (0..half)
-        .map(|i| base.powf(-2.0 * i as f64 / d as f64))
-        .collect();
-    let mut cos = Array2::<f32>::zeros((n_pos, half));
-    let mut sin = Array2::<f32>::zeros((n_pos, half));
-    for t in 0..n_pos {
-        let p = (pos0 + t) as f64;
-        for i in 0..half {
-            let a = p * inv[i];
-            cos[[t, i]] = a.cos() as f32;
-            sin[[t, i]] = a.sin() as f32;
-        }
-    }
-    (cos, sin)
-}
-
-/// Rotate adjacent pairs `(2i, 2i+1)` of each head of `x` `[n, heads * d]`.
-fn apply_rope(x: &mut Array2<f32>, d: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
-    x.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(t, mut row)| {
-            let (c, s) = (cos.row(t), sin.row(t));
-            if let Some(r) = row.as_slice_mut() {
-                for head in r.chunks_exact_mut(d) {
-                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                        let (x0, x1) = (pair[0], pair[1]);
-                        pair[0] = x0 * c[i] - x1 * s[i];
-                        pair[1] = x0 * s[i] + x1 * c[i];
-                    }
-                }
-            }
-        });
+    Rope::plain(base).tables(pos0, n_pos, d)
 }
 
 /// `[L, H*d]` -> `[H, L, d]`.
@@ -484,10 +514,45 @@ fn merge_heads(x: Array3<f32>) -> Result<Array2<f32>> {
         .map_err(|e| TcaError::Shape(e.to_string()))
 }
 
+/// `x += b` on every row.
+fn add_bias(x: &mut Array2<f32>, b: Option<&Array1<f32>>) {
+    if let Some(b) = b {
+        *x += b;
+    }
+}
+
+/// `x · wᵀ + b`.
+fn affine(x: ArrayView2<f32>, w: &Array2<f32>, b: Option<&Array1<f32>>) -> Array2<f32> {
+    let mut y = linear(x, w);
+    add_bias(&mut y, b);
+    y
+}
+
 fn silu_mul(gate: &mut Array2<f32>, up: &Array2<f32>) {
     ndarray::Zip::from(gate).and(up).par_for_each(|g, &u| {
         *g = *g / (1.0 + (-*g).exp()) * u;
     });
+}
+
+/// RoPE scaling from GGUF metadata (`llama.rope.scaling.type`: none or linear).
+fn gguf_rope_scaling(g: &GgufFile) -> Result<RopeScaling> {
+    let Ok(kind) = g.meta_str("llama.rope.scaling.type") else {
+        return Ok(RopeScaling::None);
+    };
+    match kind {
+        "none" => Ok(RopeScaling::None),
+        "linear" => {
+            let factor = g.meta_f64("llama.rope.scaling.factor")?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(fmt_err(g, format!("RoPE scaling factor {factor}")));
+            }
+            Ok(RopeScaling::Linear { factor })
+        }
+        other => Err(fmt_err(
+            g,
+            format!("RoPE scaling {other:?} in a GGUF is not supported (none, linear)"),
+        )),
+    }
 }
 
 impl Llama {
@@ -506,24 +571,25 @@ impl Llama {
             n_layers: g.meta_usize("llama.block_count")?,
             n_heads,
             n_kv_heads: g.meta_usize("llama.attention.head_count_kv")?,
-            head_dim: hidden.checked_div(n_heads).unwrap_or(0),
+            head_dim: match g.meta_usize("llama.attention.key_length") {
+                Ok(d) => d,
+                Err(_) => hidden.checked_div(n_heads).unwrap_or(0),
+            },
             hidden,
             ffn: g.meta_usize("llama.feed_forward_length")?,
             context: g.meta_usize("llama.context_length")?,
             vocab: g.meta_str_array("tokenizer.ggml.tokens")?.len(),
             rope_base: g.meta_f64("llama.rope.freq_base").unwrap_or(10000.0),
+            rope_scaling: gguf_rope_scaling(g)?,
             rms_eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
         };
         let c = &config;
-        if c.n_heads == 0
-            || c.n_kv_heads == 0
-            || c.n_heads % c.n_kv_heads != 0
-            || c.head_dim * c.n_heads != c.hidden
-            || c.head_dim % 2 != 0
-            || c.n_layers == 0
-            || c.context == 0
-        {
-            return Err(fmt_err(g, format!("inconsistent llama config {c:?}")));
+        c.validate().map_err(|m| fmt_err(g, m))?;
+        if g.tensor_info("rope_freqs.weight").is_some() {
+            return Err(fmt_err(
+                g,
+                "per-frequency RoPE factors (rope_freqs.weight) are not supported".into(),
+            ));
         }
         if let Ok(rd) = g.meta_usize("llama.rope.dimension_count") {
             if rd != c.head_dim {
@@ -546,6 +612,10 @@ impl Llama {
                 wk: matrix(g, &p("attn_k"), hkv * d, c.hidden)?,
                 wv: matrix(g, &p("attn_v"), hkv * d, c.hidden)?,
                 wo: matrix(g, &p("attn_output"), c.hidden, hq * d)?,
+                bq: None,
+                bk: None,
+                bv: None,
+                bo: None,
                 ffn_norm: vector(g, &p("ffn_norm"), c.hidden)?,
                 w_gate: matrix(g, &p("ffn_gate"), c.ffn, c.hidden)?,
                 w_up: matrix(g, &p("ffn_up"), c.ffn, c.hidden)?,
@@ -631,13 +701,13 @@ impl Llama {
             }
         }
         let (d, hq, hkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
-        let (cos, sin) = rope_tables(0, l, d, c.rope_base);
+        let (cos, sin) = c.rope().tables(0, l, d);
         let mut x = self.embed(tokens);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(x.view(), &layer.attn_norm, c.rms_eps);
-            let mut q = linear(xn.view(), &layer.wq);
-            let mut k = linear(xn.view(), &layer.wk);
-            let v = linear(xn.view(), &layer.wv);
+            let mut q = affine(xn.view(), &layer.wq, layer.bq.as_ref());
+            let mut k = affine(xn.view(), &layer.wk, layer.bk.as_ref());
+            let v = affine(xn.view(), &layer.wv, layer.bv.as_ref());
             drop(xn);
             apply_rope(&mut q, d, &cos, &sin);
             apply_rope(&mut k, d, &cos, &sin);
@@ -664,7 +734,7 @@ impl Llama {
             }
             drop((q3, k3, v3));
             let o = merge_heads(o3)?;
-            x += &linear(o.view(), &layer.wo);
+            x += &affine(o.view(), &layer.wo, layer.bo.as_ref());
             drop(o);
             let xn = rms_norm(x.view(), &layer.ffn_norm, c.rms_eps);
             let mut gate = linear(xn.view(), &layer.w_gate);
@@ -828,13 +898,13 @@ impl Llama {
         let pos = attn.position();
         self.check_tokens(&[token], pos)?;
         let d = c.head_dim;
-        let (cos, sin) = rope_tables(pos, 1, d, c.rope_base);
+        let (cos, sin) = c.rope().tables(pos, 1, d);
         let mut x = self.embed(&[token]);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(x.view(), &layer.attn_norm, c.rms_eps);
-            let mut q = linear(xn.view(), &layer.wq);
-            let mut k = linear(xn.view(), &layer.wk);
-            let v = linear(xn.view(), &layer.wv);
+            let mut q = affine(xn.view(), &layer.wq, layer.bq.as_ref());
+            let mut k = affine(xn.view(), &layer.wk, layer.bk.as_ref());
+            let v = affine(xn.view(), &layer.wv, layer.bv.as_ref());
             apply_rope(&mut q, d, &cos, &sin);
             apply_rope(&mut k, d, &cos, &sin);
             let o = attn.attend(li, q.row(0), k.row(0), v.row(0))?;
@@ -846,7 +916,7 @@ impl Llama {
                 )));
             }
             let o = o.insert_axis(Axis(0));
-            x += &linear(o.view(), &layer.wo);
+            x += &affine(o.view(), &layer.wo, layer.bo.as_ref());
             let xn = rms_norm(x.view(), &layer.ffn_norm, c.rms_eps);
             let mut gate = linear(xn.view(), &layer.w_gate);
             let up = linear(xn.view(), &layer.w_up);
@@ -902,6 +972,12 @@ pub struct LayerWeights<'a> {
     pub wk: &'a Array2<f32>,
     pub wv: &'a Array2<f32>,
     pub wo: &'a Array2<f32>,
+    /// Biases of q, k (rows in the adjacent-pairs order, like `wq`, `wk`), v and o;
+    /// `None` for SmolLM2 and llama without `attention_bias`, q/k/v for qwen2.
+    pub bq: Option<&'a Array1<f32>>,
+    pub bk: Option<&'a Array1<f32>>,
+    pub bv: Option<&'a Array1<f32>>,
+    pub bo: Option<&'a Array1<f32>>,
     pub ffn_norm: &'a Array1<f32>,
     pub w_gate: &'a Array2<f32>,
     pub w_up: &'a Array2<f32>,
@@ -917,6 +993,10 @@ impl Llama {
             wk: &l.wk,
             wv: &l.wv,
             wo: &l.wo,
+            bq: l.bq.as_ref(),
+            bk: l.bk.as_ref(),
+            bv: l.bv.as_ref(),
+            bo: l.bo.as_ref(),
             ffn_norm: &l.ffn_norm,
             w_gate: &l.w_gate,
             w_up: &l.w_up,
