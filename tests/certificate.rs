@@ -370,7 +370,10 @@ fn certificate_covers_gamma_on_real_captured_layers() {
         Err(e) => panic!("{e}\nrun scripts/fetch-assets or set TCA_SKIP_MODEL_TESTS=1"),
     };
     let model = Model::load(&path).unwrap();
-    let mut tokens = model.tokenizer.encode(&assets::read_text(None).unwrap());
+    let mut tokens = model
+        .tokenizer
+        .encode(&assets::read_text(None).unwrap())
+        .unwrap();
     tokens.truncate(384);
     let cap = model.llama.capture(&tokens, &[0, 14, 29]).unwrap();
     let cfg = small_config();

@@ -7,10 +7,11 @@
 use std::sync::OnceLock;
 
 use ndarray::{Array2, ShapeBuilder};
+use tca::backend::symmetric_difference as sym_diff;
 use tca::cli::model::{perplexity, AttentionKind, CalibrationArgs, PerplexityArgs};
 use tca::cuda::model::gemm::GemmShape;
 use tca::cuda::model::weights::{f32_to_f16, host_layer, stack_f16};
-use tca::cuda::model::{keep_fraction, sym_diff, GpuAttn, GpuModel};
+use tca::cuda::model::{keep_fraction, GpuAttn, GpuModel};
 use tca::model::sparse::{calibrate_model, SparsePolicy};
 use tca::model::{assets, Exact, Model};
 use tca::selection::key_set;

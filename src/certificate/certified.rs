@@ -4,7 +4,7 @@
 //! gamma_i <= gamma_hat_i <= 1 - tau holds at every query by construction, not on
 //! average as calibration gives it.
 //!
-//! Deviation from SPEC: the key sets become per query head (each head's query bounds the
+//! Deviation from docs/algorithm.md §1: the key sets become per query head (each head's query bounds the
 //! chunks itself), so they no longer share one KV cache per KV head; this is a prefill
 //! mode. The decoding cache stays TCA's.
 

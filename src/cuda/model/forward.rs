@@ -69,7 +69,7 @@ pub struct ForwardStats {
 }
 
 /// Mean over KV heads (each standing for g query heads) and queries of |S_i| / (i + 1),
-/// with S_i = {j in S_G : j < max(0, i - w + 1)} ∪ the window (SPEC 1.7).
+/// with S_i = {j in S_G : j < max(0, i - w + 1)} ∪ the window (docs/algorithm.md §1.7).
 pub fn keep_fraction(global: &[Vec<usize>], window: usize, len: usize) -> f64 {
     let mut frac = 0.0;
     for g in global {
@@ -354,7 +354,7 @@ impl GpuModel {
                             cpu.heads
                                 .iter()
                                 .zip(&hs.global)
-                                .map(|(a, b)| sym_diff(&a.global, b))
+                                .map(|(a, b)| crate::backend::symmetric_difference(&a.global, b))
                                 .collect(),
                         )
                     } else {
@@ -547,26 +547,4 @@ fn download_heads(g: &Gpu, h: &DevHeads) -> GpuResult<crate::model::llama::Qkv> 
         k: f(&h.k, h.hkv)?,
         v: f(&h.v, h.hkv)?,
     })
-}
-
-/// |a Δ b| of two ascending position lists.
-pub fn sym_diff(a: &[usize], b: &[usize]) -> usize {
-    let (mut i, mut j, mut n) = (0, 0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Equal => {
-                i += 1;
-                j += 1;
-            }
-            std::cmp::Ordering::Less => {
-                n += 1;
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                n += 1;
-                j += 1;
-            }
-        }
-    }
-    n + (a.len() - i) + (b.len() - j)
 }

@@ -10,4 +10,4 @@ pub mod gemm;
 pub mod glue;
 pub mod weights;
 
-pub use forward::{keep_fraction, sym_diff, ForwardStats, GpuAttn, GpuModel, LayerKeep};
+pub use forward::{keep_fraction, ForwardStats, GpuAttn, GpuModel, LayerKeep};
