@@ -28,7 +28,7 @@ mv .devrun/gguf.part2 .devrun/m3/
 sha256sum "$GGUF" | cut -d' ' -f1 > .devrun/m3/gguf.sha256
 for b in tca tca-gpu-model; do
   strip -o ".devrun/$b" "$T/$b"
-  xz -6 -T1 -c ".devrun/$b" > ".devrun/m3/$b.xz"
+  xz -1 -T2 -c ".devrun/$b" > ".devrun/m3/$b.xz"
   rm ".devrun/$b"
 done
 du -sh .devrun/m1 .devrun/m2 .devrun/m3

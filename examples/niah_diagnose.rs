@@ -11,7 +11,7 @@
 
 use tca::calibration::Profile;
 use tca::cli::model::MODEL_CONFIG;
-use tca::cli::quality::{needle_number, niah_prompt};
+use tca::cli::niah::{needle_number, niah_prompt};
 use tca::model::{assets, Model};
 use tca::selection::select;
 use tca::{Config, TcaError};

@@ -4,10 +4,14 @@
 // K, V, O bf16 (both as uint16 bit patterns).
 //   tca_embed:        x[t, :] = E[token[t], :] (E f16 [vocab, hidden]).
 //   tca_rmsnorm:      y[t, :] = f16(x[t, :] / sqrt(mean(x[t, :]^2) + eps) * w).
-//   tca_rope_split:   qkv f32 [L, (Hq + 2 Hkv) d] (the fused Q|K|V projection) to Q
-//                     [Hq, L, d], K, V [Hkv, L, d] (bf16), rotating the adjacent pairs
-//                     (2i, 2i+1) of each Q and K head by the angle of (cos, sin)[t, i]
-//                     (llama.rs's convention for the GGUF-permuted rows); V is copied.
+//   tca_rope_split:   qkv f32 [L, (Hq + 2 Hkv) d] (the fused Q|K|V projection) of the
+//                     positions p0 .. p0 + L to Q [Hq, L, d] and rows p0 .. p0 + L of K, V
+//                     [Hkv, S, d] (bf16, S >= p0 + L rows per head: a cache), rotating the
+//                     adjacent pairs (2i, 2i+1) of each Q and K head by the angle of
+//                     (cos, sin)[p0 + t, i] (llama.rs's convention for the GGUF-permuted
+//                     rows); V is copied.
+//   tca_to_f16:       f32 to f16 through bf16 (a decode output [H d], rounded as the
+//                     prefill's bf16 attention output is).
 //   tca_merge_heads:  O [H, L, d] (bf16) to [L, H d] (f16; exact: bf16 values fit f16
 //                     unless beyond its range, which the caller's finite check reports).
 //   tca_silu_mul:     gu f32 [L, 2 F] (gate | up) to f16 silu(gate) * up [L, F].
@@ -76,8 +80,8 @@ extern "C" __global__ void tca_rope_split(const float* __restrict__ qkv,
                                           const float* __restrict__ cos_t,
                                           const float* __restrict__ sin_t, u16* __restrict__ Q,
                                           u16* __restrict__ K, u16* __restrict__ V, int L, int hq,
-                                          int hkv, int d) {
-    const size_t t = blockIdx.x;
+                                          int hkv, int d, int S, int p0) {
+    const size_t t = blockIdx.x, pos = (size_t)p0 + t;
     const int half = d / 2, heads = hq + 2 * hkv;
     const float* row = qkv + t * (size_t)heads * d;
     for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
@@ -86,12 +90,12 @@ extern "C" __global__ void tca_rope_split(const float* __restrict__ qkv,
         float y0 = x0, y1 = x1;
         u16* dst;
         if (h < hq + hkv) {
-            const float c = cos_t[t * half + i], s = sin_t[t * half + i];
+            const float c = cos_t[pos * half + i], s = sin_t[pos * half + i];
             y0 = x0 * c - x1 * s;
             y1 = x0 * s + x1 * c;
-            dst = h < hq ? Q + ((size_t)h * L + t) * d : K + ((size_t)(h - hq) * L + t) * d;
+            dst = h < hq ? Q + ((size_t)h * L + t) * d : K + ((size_t)(h - hq) * S + pos) * d;
         } else {
-            dst = V + ((size_t)(h - hq - hkv) * L + t) * d;
+            dst = V + ((size_t)(h - hq - hkv) * S + pos) * d;
         }
         dst[2 * i] = f2bf(y0);
         dst[2 * i + 1] = f2bf(y1);
@@ -105,6 +109,11 @@ extern "C" __global__ void tca_merge_heads(const u16* __restrict__ O, u16* __res
         const int h = c / d, j = c % d;
         y[t * (size_t)H * d + c] = f2h(bf2f(O[((size_t)h * L + t) * d + j]));
     }
+}
+
+extern "C" __global__ void tca_to_f16(const float* __restrict__ x, u16* __restrict__ y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        y[i] = f2h(bf2f(f2bf(x[i])));
 }
 
 extern "C" __global__ void tca_silu_mul(const float* __restrict__ gu, u16* __restrict__ y, int F) {

@@ -149,7 +149,7 @@ fn gpu_forward_matches_the_cpu_forward() {
         .unwrap();
     let tokens = &tokens[..300];
     let cpu = m.llama.score(tokens, &Exact::default(), 0).unwrap();
-    let (gpu, _) = g.score(tokens, GpuAttn::Exact, 0, false).unwrap();
+    let (gpu, _) = g.score(tokens, GpuAttn::Exact, 0, false, None).unwrap();
     let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
     assert!(
         rel < 0.01,
@@ -170,8 +170,12 @@ fn gpu_forward_matches_the_cpu_forward() {
             (num / den).sqrt()
         );
     }
-    assert!(g.score(&tokens[..1], GpuAttn::Exact, 0, false).is_err());
-    assert!(g.score(&[u32::MAX, 1], GpuAttn::Exact, 0, false).is_err());
+    assert!(g
+        .score(&tokens[..1], GpuAttn::Exact, 0, false, None)
+        .is_err());
+    assert!(g
+        .score(&[u32::MAX, 1], GpuAttn::Exact, 0, false, None)
+        .is_err());
     assert!(g.capture(tokens, &[m.llama.config.n_layers]).is_err());
 }
 
@@ -200,7 +204,7 @@ fn gpu_tca_matches_the_cpu_tca() {
         config: &cfg,
         profile: &prof,
     };
-    let (gpu, stats) = g.score(tokens, attn, 0, true).unwrap();
+    let (gpu, stats) = g.score(tokens, attn, 0, true, None).unwrap();
     assert_eq!(stats.keep.len(), m.llama.config.n_layers);
     let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
     assert!(
@@ -219,6 +223,7 @@ fn gpu_tca_matches_the_cpu_tca() {
 fn perplexity_cli_on_the_cuda_backend() {
     let Some(_) = model() else { return };
     let args = PerplexityArgs {
+        rope: Default::default(),
         text: None,
         tokens: 64,
         from: 0,
@@ -243,6 +248,7 @@ fn perplexity_cli_on_the_cuda_backend() {
     }
     // A policy the GPU does not run is refused on any machine, before the device.
     let e = perplexity(&PerplexityArgs {
+        rope: Default::default(),
         attention: AttentionKind::StreamingLlm,
         ..args
     })

@@ -146,6 +146,7 @@ fn smollm2_export_runs_like_the_gguf() {
     };
     let ppl = |model: &Path| {
         perplexity(&PerplexityArgs {
+            rope: Default::default(),
             text: None,
             tokens: 256,
             from: 0,
@@ -172,6 +173,7 @@ fn smollm2_export_runs_like_the_gguf() {
     std::fs::write(&cfgfile, "tau = 0.9\nblock_size = 16\nwindow = 32\n").unwrap();
     for (tag, model) in [("gguf", &gguf), ("hf", &dir)] {
         run_capture(CaptureArgs {
+            rope: Default::default(),
             text: None,
             tokens: 48,
             layers: "0,17,29".into(),
@@ -196,6 +198,8 @@ fn smollm2_export_runs_like_the_gguf() {
             ..calib.clone()
         };
         run_quality_ppl(QualityPplArgs {
+            rope: Default::default(),
+            backend: tca::backend::BackendKind::Cpu,
             text: None,
             lengths: "96".into(),
             taus: "0.9".into(),
@@ -211,6 +215,11 @@ fn smollm2_export_runs_like_the_gguf() {
         })
         .unwrap();
         run_quality_heads(QualityHeadsArgs {
+            rope: Default::default(),
+            backend: tca::backend::BackendKind::Cpu,
+            decode_tokens: 16,
+            oracle_rows: 2048,
+            seed: 0,
             text: None,
             tokens: 64,
             calibration: small,
@@ -742,6 +751,7 @@ fn unsupported_checkpoints_are_clear_errors() {
     write_checkpoint(&src, &tiny_config(), &tensors, Dtype::F32, 1);
     // The GPU forward does not apply biases yet: refused before any device is sought.
     let e = perplexity(&PerplexityArgs {
+        rope: Default::default(),
         text: None,
         tokens: 8,
         from: 0,

@@ -517,6 +517,7 @@ fn capture_round_trips_through_safetensors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("caps.safetensors");
     let args = CaptureArgs {
+        rope: Default::default(),
         text: None,
         tokens: 24,
         layers: "0,2".into(),
@@ -561,6 +562,7 @@ fn capture_round_trips_through_safetensors() {
     let e = run_capture(args.clone()).unwrap_err();
     assert!(matches!(e, TcaError::WouldOverwrite(_)), "{e}");
     run_capture(CaptureArgs {
+        rope: Default::default(),
         layers: "2".into(),
         force: true,
         ..args
@@ -577,6 +579,7 @@ fn capture_round_trips_through_safetensors() {
 fn perplexity_cli_and_bad_input() {
     let _ = need_model!();
     let args = PerplexityArgs {
+        rope: Default::default(),
         text: None,
         tokens: 64,
         from: 0,
@@ -604,6 +607,7 @@ fn perplexity_cli_and_bad_input() {
     let cases: Vec<(PerplexityArgs, &str)> = vec![
         (
             PerplexityArgs {
+                rope: Default::default(),
                 tokens: 0,
                 ..args.clone()
             },
@@ -611,6 +615,7 @@ fn perplexity_cli_and_bad_input() {
         ),
         (
             PerplexityArgs {
+                rope: Default::default(),
                 tokens: 8193,
                 ..args.clone()
             },
@@ -618,6 +623,7 @@ fn perplexity_cli_and_bad_input() {
         ),
         (
             PerplexityArgs {
+                rope: Default::default(),
                 model: Some(PathBuf::from("/nonexistent/model.gguf")),
                 ..args.clone()
             },
@@ -625,6 +631,7 @@ fn perplexity_cli_and_bad_input() {
         ),
         (
             PerplexityArgs {
+                rope: Default::default(),
                 model: Some(junk.clone()),
                 ..args.clone()
             },
@@ -632,6 +639,7 @@ fn perplexity_cli_and_bad_input() {
         ),
         (
             PerplexityArgs {
+                rope: Default::default(),
                 text: Some(dir.path().join("missing.txt")),
                 ..args.clone()
             },
@@ -639,6 +647,7 @@ fn perplexity_cli_and_bad_input() {
         ),
         (
             PerplexityArgs {
+                rope: Default::default(),
                 text: Some(short_text),
                 ..args.clone()
             },
@@ -646,6 +655,7 @@ fn perplexity_cli_and_bad_input() {
         ),
         (
             PerplexityArgs {
+                rope: Default::default(),
                 from: 64,
                 ..args.clone()
             },
@@ -657,6 +667,7 @@ fn perplexity_cli_and_bad_input() {
         assert!(e.contains(want), "{a:?}: {e}");
     }
     let e = run_capture(CaptureArgs {
+        rope: Default::default(),
         text: None,
         tokens: 8,
         layers: "30".into(),
@@ -676,6 +687,7 @@ fn cuda_backend_without_the_feature_is_a_clear_error() {
     let _ = need_model!();
     let dir = tempfile::tempdir().unwrap();
     let e = perplexity(&PerplexityArgs {
+        rope: Default::default(),
         text: None,
         tokens: 16,
         from: 0,
@@ -694,6 +706,7 @@ fn cuda_backend_without_the_feature_is_a_clear_error() {
     assert!(e.to_string().contains("built without CUDA"), "{e}");
     let out = dir.path().join("c.safetensors");
     let e = run_capture(CaptureArgs {
+        rope: Default::default(),
         text: None,
         tokens: 8,
         layers: "0".into(),

@@ -10,7 +10,8 @@ use tca::calibration::{HeadProfile, LayerProfile, ModelShape, Profile};
 use tca::cli::model::{
     calibration_tokens, perplexity, AttentionKind, CalibrationArgs, PerplexityArgs,
 };
-use tca::cli::quality::{niah_prompt, run_quality_ppl, QualityPplArgs};
+use tca::cli::niah::niah_prompt;
+use tca::cli::quality::{run_quality_ppl, QualityPplArgs};
 use tca::model::sparse::{calibrate_model, generate_tca, CalibrationHook, SparsePolicy};
 use tca::model::{assets, Exact, Model};
 use tca::selection::policies::Policy;
@@ -233,6 +234,8 @@ fn quality_ppl_writes_its_table() {
     let cfgfile = dir.path().join("c.toml");
     std::fs::write(&cfgfile, "block_size = 16\nwindow = 32\n").unwrap();
     let args = QualityPplArgs {
+        rope: Default::default(),
+        backend: tca::backend::BackendKind::Cpu,
         text: None,
         lengths: "96".into(),
         taus: "0.5,0.95".into(),
@@ -264,6 +267,8 @@ fn quality_ppl_writes_its_table() {
     // No overwrite without --force; unknown attention names and lengths are refused.
     assert!(run_quality_ppl(args.clone()).is_err());
     let bad = QualityPplArgs {
+        rope: Default::default(),
+        backend: tca::backend::BackendKind::Cpu,
         peers: "nonsense".into(),
         force: true,
         ..args.clone()
@@ -273,6 +278,8 @@ fn quality_ppl_writes_its_table() {
         .to_string()
         .contains("unknown"));
     let bad = QualityPplArgs {
+        rope: Default::default(),
+        backend: tca::backend::BackendKind::Cpu,
         lengths: "1".into(),
         force: true,
         ..args
@@ -287,6 +294,7 @@ fn perplexity_cli_runs_tca_and_the_peers() {
     let cfgfile = dir.path().join("c.toml");
     std::fs::write(&cfgfile, "tau = 0.95\nblock_size = 16\nwindow = 32\n").unwrap();
     let args = PerplexityArgs {
+        rope: Default::default(),
         text: None,
         tokens: 96,
         from: 0,
@@ -304,6 +312,7 @@ fn perplexity_cli_runs_tca_and_the_peers() {
     let exact = perplexity(&args).unwrap();
     for kind in [AttentionKind::Tca, AttentionKind::StreamingLlm] {
         let r = perplexity(&PerplexityArgs {
+            rope: Default::default(),
             attention: kind,
             ..args.clone()
         })

@@ -12,7 +12,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use tca::bound::PrefixStats;
 use tca::calibration::Profile;
+use tca::cuda::model::audit::{AuditOptions, LayerAuditor};
+use tca::cuda::model::generate::DecodeCache;
 use tca::cuda::model::{GpuAttn, GpuModel};
 use tca::model::sparse::SparsePolicy;
 use tca::model::{assets, Exact, Model};
@@ -45,6 +48,14 @@ struct Args {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
+    /// Lengths at which every layer's attention is timed on its real heads (TCA stages
+    /// and the dense prefill; needs --profile); writes layer_timing.csv.
+    #[arg(long, value_delimiter = ',')]
+    layer_timing: Vec<usize>,
+    /// RoPE scaling of the model (as `tca --rope-scaling`), e.g. yarn:16 to time decode
+    /// at up to 131,072 positions.
+    #[arg(long)]
+    rope_scaling: Option<String>,
 }
 
 /// Thresholds of the checks (issue 10).
@@ -116,7 +127,9 @@ fn exact_checks(x: &Ctx, checks: &mut Checks) -> tca::Result<()> {
     let cpu = model.llama.score(toks, &Exact::default(), 0)?;
     let cpu_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (gpu, _) = gm.score(toks, GpuAttn::Exact, 0, false).map_err(gpu_err)?;
+    let (gpu, _) = gm
+        .score(toks, GpuAttn::Exact, 0, false, None)
+        .map_err(gpu_err)?;
     let gpu_s = t.elapsed().as_secs_f64();
     println!(
         "exact perplexity: cpu {:.4} ({cpu_s:.1} s), gpu {:.4} ({gpu_s:.2} s); top-1 cpu {:.4}, gpu {:.4}",
@@ -189,6 +202,7 @@ fn tca_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<Strin
             },
             0,
             true,
+            None,
         )
         .map_err(gpu_err)?;
     let gpu_s = t.elapsed().as_secs_f64();
@@ -232,13 +246,198 @@ fn tca_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<Strin
     Ok(sel_rows)
 }
 
+/// The engine's new paths against the CPU: greedy generation (exact: the GPU's tokens
+/// against the CPU's on a needle case), TCA decoding over the compacted cache with its
+/// shadow (regret in [0, 1] at every step, layer and head; the full-cache mode's answer),
+/// the per-layer audit of a TCA forward (no violation of the true readings against the
+/// oracle's sample, gamma within 0.02 of the oracle's), the device's prefix diameters
+/// against the host's O(L^2 d) ones, and RoPE scaling (yarn:2 at 2K: GPU against CPU).
+fn engine_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<()> {
+    use tca::cli::niah::niah_case;
+    let (model, gm, cfg) = (&x.model, &x.gm, &x.cfg);
+    let eos = Some(model.tokenizer.eos_id);
+    let hay = model.tokenizer.encode(&assets::haystack(None)?)?;
+    let mut same = (0usize, 0usize);
+    for (len, depth) in [(1024, 50), (2048, 10), (2048, 90)] {
+        let case = niah_case(model, &hay, "niah", len, depth, 7)?;
+        let cpu = model
+            .llama
+            .generate_greedy(&case.prompt, 10, &Exact::default(), eos)?;
+        let g = gm
+            .generate(&case.prompt, 10, GpuAttn::Exact, DecodeCache::Full, eos)
+            .map_err(gpu_err)?;
+        let n = cpu.len().min(g.tokens.len());
+        let prefix = cpu
+            .iter()
+            .zip(&g.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        println!(
+            "generate exact L {len} depth {depth}: cpu {:?} gpu {:?} (prefix {prefix} of {n}); prefill {:.3} s, decode {:.1} ms/token",
+            model.tokenizer.decode(&cpu)?,
+            model.tokenizer.decode(&g.tokens)?,
+            g.prefill_s,
+            1e3 * g.decode_s / g.tokens.len().saturating_sub(1).max(1) as f64
+        );
+        same.0 += prefix;
+        same.1 += n;
+    }
+    let frac = same.0 as f64 / same.1.max(1) as f64;
+    checks.add(
+        "generate: exact tokens equal to the cpu's",
+        frac,
+        ">= 0.9 (prefix)",
+        frac >= 0.9,
+    );
+    // TCA: compacted cache with its shadow, and the full-cache mode.
+    let case = niah_case(model, &hay, "niah", 2048, 50, 7)?;
+    let attn = GpuAttn::Tca {
+        config: cfg,
+        profile: prof,
+    };
+    let c = gm
+        .generate(&case.prompt, 10, attn, DecodeCache::Compact, eos)
+        .map_err(gpu_err)?;
+    let f = gm
+        .generate(&case.prompt, 10, attn, DecodeCache::Full, eos)
+        .map_err(gpu_err)?;
+    let nl = model.llama.config.n_layers;
+    let hq = model.llama.config.n_heads;
+    let shape_ok = c.regret.len() + 1 == c.tokens.len()
+        && c.regret
+            .iter()
+            .all(|s| s.len() == nl && s.iter().all(|h| h.len() == hq));
+    let vals: Vec<f64> = c.regret.iter().flatten().flatten().copied().collect();
+    let in_range = vals.iter().all(|r| (0.0..=1.0).contains(r));
+    let mean = vals.iter().sum::<f64>() / vals.len().max(1) as f64;
+    println!(
+        "generate tca: compact {:?} (mean regret {mean:.4} over {} values), full {:?}",
+        model.tokenizer.decode(&c.tokens)?,
+        vals.len(),
+        model.tokenizer.decode(&f.tokens)?
+    );
+    checks.add(
+        "generate tca: regret in [0,1], steps x layers x heads",
+        mean,
+        "shape and range",
+        shape_ok && in_range,
+    );
+    let long = gm.generate(
+        &case.prompt,
+        cfg.block_size + 1,
+        attn,
+        DecodeCache::Compact,
+        eos,
+    );
+    checks.add(
+        "generate tca: more than b new tokens refused",
+        0.0,
+        "error",
+        long.is_err(),
+    );
+    // Per-layer audit of a TCA forward.
+    let toks = &x.all[..x.a.tokens];
+    let mut aud = LayerAuditor::new(AuditOptions {
+        tau: cfg.tau,
+        oracle_rows: 4096,
+        seed: 1,
+    });
+    let t = Instant::now();
+    gm.score(toks, attn, 1, false, Some(&mut aud))
+        .map_err(gpu_err)?;
+    let rows = &aud.rows;
+    let viol: usize = rows.iter().map(|r| r.oracle_true_violations).sum();
+    let orc: usize = rows.iter().map(|r| r.oracle_rows).sum();
+    let self_viol: usize = rows
+        .iter()
+        .map(|r| r.readings[..3].iter().map(|x| x.1).sum::<usize>())
+        .sum();
+    let gdiff = rows
+        .iter()
+        .map(|r| r.oracle_max_gamma_diff)
+        .fold(0.0, f64::max);
+    println!(
+        "audit at {} tokens: {} rows (layer x query head) in {:.1} s; oracle: {viol} violations in {orc} rows; self-audit: {self_viol} violations of the true readings; max |gamma_oracle - gamma_lse| {gdiff:.2e}",
+        toks.len(),
+        rows.len(),
+        t.elapsed().as_secs_f64()
+    );
+    checks.add(
+        "audit: rows = layers x query heads",
+        rows.len() as f64,
+        &format!("= {}", nl * hq),
+        rows.len() == nl * hq,
+    );
+    checks.add(
+        "audit: oracle violations (identity, 3 true readings)",
+        viol as f64,
+        "= 0",
+        viol == 0 && orc > 0,
+    );
+    checks.add(
+        "audit: self-audit violations (3 true readings)",
+        self_viol as f64,
+        "= 0",
+        self_viol == 0,
+    );
+    checks.add(
+        "audit: max |gamma_oracle - gamma_lse|",
+        gdiff,
+        "<= 0.02",
+        gdiff <= 0.02,
+    );
+    // Prefix diameters on the device against the host's.
+    let cap = gm.capture(toks, &[13]).map_err(gpu_err)?;
+    let qkv = &cap.captured[&13];
+    let heads = qkv.to_heads()?;
+    let dev = tca::cuda::model::audit::device_diameters(gm, &heads).map_err(gpu_err)?;
+    let mut worst = 0f64;
+    for (kv, d) in dev.iter().enumerate() {
+        let host = PrefixStats::new(heads.k(kv), heads.v(kv));
+        for (a, b) in d.iter().zip(&host.diam_l2) {
+            worst = worst.max(((a - b) / b.max(1e-30)).abs());
+        }
+    }
+    checks.add(
+        "audit: device prefix diameters vs host (rel.)",
+        worst,
+        "<= 1e-4",
+        worst <= 1e-4,
+    );
+    // RoPE scaling: yarn:2 at 2K tokens, the GPU forward against the CPU's.
+    let mut scaled = Model::load(assets::model_path(x.a.model.as_deref())?)?;
+    scaled.rescale_rope("yarn:2")?;
+    let sg = GpuModel::new(&scaled.llama).map_err(gpu_err)?;
+    let toks = &x.all[..2048];
+    let cpu = scaled.llama.score(toks, &Exact::default(), 0)?;
+    let (gpu, _) = sg
+        .score(toks, GpuAttn::Exact, 0, false, None)
+        .map_err(gpu_err)?;
+    let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
+    println!(
+        "rope yarn:2 at 2048: perplexity cpu {:.4} gpu {:.4}",
+        cpu.perplexity(),
+        gpu.perplexity()
+    );
+    checks.add(
+        "rope yarn:2: |ppl_gpu / ppl_cpu - 1|",
+        rel,
+        "<= 0.005",
+        rel <= PPL_EXACT,
+    );
+    Ok(())
+}
+
 fn run(a: &Args) -> tca::Result<bool> {
     std::fs::create_dir_all(&a.out).map_err(|source| TcaError::Io {
         path: a.out.clone(),
         source,
     })?;
     let t0 = Instant::now();
-    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    let mut model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    if let Some(r) = &a.rope_scaling {
+        model.rescale_rope(r)?;
+    }
     let text = assets::read_text(None)?;
     let all = model.tokenizer.encode(&text)?;
     let need = a.lens.iter().copied().max().unwrap_or(0).max(a.tokens);
@@ -291,6 +490,11 @@ fn run(a: &Args) -> tca::Result<bool> {
             },
             None => println!("no --profile: TCA checks skipped"),
         }
+        if let Some(prof) = &x.profile {
+            if let Err(e) = engine_checks(&x, prof, &mut checks) {
+                stage_error(&mut checks, "engine checks", e);
+            }
+        }
     }
     let (cfg, profile, gm, all) = (&x.cfg, &x.profile, &x.gm, &x.all);
     println!(
@@ -331,7 +535,89 @@ fn run(a: &Args) -> tca::Result<bool> {
             tp += &format!("{l},{name},{med:.4},{min:.4},{tps:.1}\n");
         }
     }
+    // Decode: greedy steps after an L-token prompt (all layers, output head and arg-max
+    // on the host each step), exact over the full cache and TCA over the compacted one
+    // (without its shadow pass: DecodeCache::Full timing of a TCA prefill is the
+    // full-cache mode).
+    for &l in &a.lens {
+        let n = cfg.block_size.min(64);
+        if l > x.model.llama.config.context || l <= n + cfg.window {
+            continue;
+        }
+        // The prompt leaves room for the n new positions within l.
+        let toks = &all[..l - n];
+        let mut kinds: Vec<(&str, GpuAttn, DecodeCache)> =
+            vec![("exact_decode", GpuAttn::Exact, DecodeCache::Full)];
+        if let Some(p) = &profile {
+            kinds.push((
+                "tca_decode_compact",
+                GpuAttn::Tca {
+                    config: cfg,
+                    profile: p,
+                },
+                DecodeCache::Compact,
+            ));
+        }
+        for (name, attn, cache) in kinds {
+            match gm.generate(toks, n, attn, cache, None) {
+                Ok(g) => {
+                    let steps = g.tokens.len().saturating_sub(1).max(1);
+                    let ms = 1e3 * g.decode_s / steps as f64;
+                    println!("{l:>7} {name:<18} {ms:>10.3} ms/token {:>10.0} tokens/s (wall clock, {steps} steps)", 1e3 / ms);
+                    tp += &format!("{l},{name},{ms:.4},{ms:.4},{:.1}\n", 1e3 / ms);
+                }
+                Err(e) => stage_error(&mut checks, &format!("decode {name} at {l}"), gpu_err(e)),
+            }
+        }
+    }
     write(&a.out, "throughput.csv", &tp)?;
+    if let (Some(p), false) = (&profile, a.layer_timing.is_empty()) {
+        println!(
+            "== per-layer attention on real heads (CUDA events, median of {}) ==",
+            a.iters
+        );
+        let mut lt = String::from(
+            "tokens,layer,keep_fraction,importance_ms,redundancy_ms,ranking_ms,topt_compact_ms,sparse_prefill_ms,tca_ms,tca_min_ms,dense_ms,dense_min_ms\n",
+        );
+        for &l in &a.layer_timing {
+            if l > all.len() {
+                stage_error(
+                    &mut checks,
+                    &format!("layer timing at {l}"),
+                    TcaError::Invalid("text too short".into()),
+                );
+                continue;
+            }
+            match gm.time_layers(&all[..l], cfg, p, (2, a.iters, 5000)) {
+                Ok(rows) => {
+                    for r in &rows {
+                        let s = r.stages_ms;
+                        lt += &format!(
+                            "{l},{},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}\n",
+                            r.layer,
+                            r.keep_fraction,
+                            s[0],
+                            s[1],
+                            s[2],
+                            s[3],
+                            s[4],
+                            r.tca_ms,
+                            r.tca_min_ms,
+                            r.dense_ms,
+                            r.dense_min_ms
+                        );
+                    }
+                    let tca: f64 = rows.iter().map(|r| r.tca_ms).sum();
+                    let dense: f64 = rows.iter().map(|r| r.dense_ms).sum();
+                    let keep = rows.iter().map(|r| r.keep_fraction).sum::<f64>()
+                        / rows.len().max(1) as f64;
+                    println!("{l:>7} tokens: {} layers, keep {keep:.4}; attention summed over layers: tca {tca:.2} ms, dense {dense:.2} ms ({:.2}x)", rows.len(), dense / tca);
+                }
+                Err(e) => stage_error(&mut checks, &format!("layer timing at {l}"), gpu_err(e)),
+            }
+        }
+        write(&a.out, "layer_timing.csv", &lt)?;
+    }
     let mut cs = String::from("check,value,limit,ok\n");
     for (n, v, lim, ok) in &checks.rows {
         cs += &format!("\"{n}\",{v},\"{lim}\",{ok}\n");

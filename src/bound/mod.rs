@@ -13,6 +13,7 @@
 //! identity. A non-finite value anywhere is a violation of every reading.
 
 pub mod counterexample;
+pub mod layers;
 pub mod precision;
 pub mod readings;
 
@@ -117,6 +118,17 @@ impl PrefixStats {
                     .sqrt()
             })
             .collect();
+        Self::with_diameters(k, v, running_max(far))
+    }
+
+    /// The O(L d) statistics, with the prefix diameters `diam_l2` [L] computed elsewhere
+    /// (on the GPU for long sequences: `cuda::audit`).
+    pub fn with_diameters(
+        k: ArrayView2<'_, f64>,
+        v: ArrayView2<'_, f64>,
+        diam_l2: Vec<f64>,
+    ) -> Self {
+        let l = v.nrows();
         let mut col_abs_max = v.mapv(f64::abs);
         for i in 1..l {
             let (prev, mut cur) = col_abs_max.multi_slice_mut((s![i - 1, ..], s![i, ..]));
@@ -133,7 +145,7 @@ impl PrefixStats {
                     .into_iter()
                     .map(|r| r.fold(0.0, |m, x| m + x.abs())),
             ),
-            diam_l2: running_max(far),
+            diam_l2,
             max_key_l2: running_max(k.rows().into_iter().map(|r| r.dot(&r).sqrt())),
             col_abs_max,
         }
@@ -149,6 +161,27 @@ impl PrefixStats {
     /// A bound on |q . k_j| / sqrt(d) over j <= i (Cauchy-Schwarz).
     fn logit_bound(&self, q: ArrayView1<'_, f64>, i: usize, scale: f64) -> f64 {
         q.dot(&q).sqrt() * self.max_key_l2[i] * scale
+    }
+}
+
+/// One [`PrefixStats`] per KV head, each over the L positions of `heads`.
+fn check_stats(heads: &Heads, stats: &[PrefixStats]) -> Result<()> {
+    let l = heads.len();
+    let ok = stats.len() == heads.num_kv_heads()
+        && stats.iter().all(|s| {
+            [&s.max_abs, &s.max_row_l1, &s.diam_l2, &s.max_key_l2]
+                .iter()
+                .all(|x| x.len() == l)
+                && s.col_abs_max.dim() == (l, heads.dim())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(TcaError::Shape(format!(
+            "prefix statistics for {} KV heads do not fit {} KV heads of L = {l}",
+            stats.len(),
+            heads.num_kv_heads()
+        )))
     }
 }
 
@@ -206,6 +239,26 @@ pub fn audit_rows(
     precision: Precision,
     rows: &[(usize, usize)],
 ) -> Result<Vec<QueryAudit>> {
+    audit_rows_with(
+        heads,
+        &PrefixStats::of(heads),
+        claimed,
+        sparse,
+        precision,
+        rows,
+    )
+}
+
+/// [`audit_rows`] with the prefix statistics of each KV head given.
+pub fn audit_rows_with(
+    heads: &Heads,
+    stats: &[PrefixStats],
+    claimed: &dyn KeySets,
+    sparse: &Attention,
+    precision: Precision,
+    rows: &[(usize, usize)],
+) -> Result<Vec<QueryAudit>> {
+    check_stats(heads, stats)?;
     check_shape(heads, claimed)?;
     let (hq, l, d) = (heads.num_q_heads(), heads.len(), heads.dim());
     if sparse.o.dim() != (hq, l, d) {
@@ -219,7 +272,6 @@ pub fn audit_rows(
             "row ({h}, {i}) outside {hq} query heads and L = {l}"
         )));
     }
-    let stats = PrefixStats::of(heads);
     rows.par_iter()
         .map(|&(h, i)| {
             let keys = claimed.keys(h, i);
@@ -353,6 +405,26 @@ pub fn audit_outputs(
     kept: &(dyn Fn(usize, usize) -> usize + Sync),
     precision: Precision,
 ) -> Result<Vec<QueryAudit>> {
+    audit_outputs_with(
+        heads,
+        &PrefixStats::of(heads),
+        full,
+        sparse,
+        kept,
+        precision,
+    )
+}
+
+/// [`audit_outputs`] with the prefix statistics of each KV head given.
+pub fn audit_outputs_with(
+    heads: &Heads,
+    stats: &[PrefixStats],
+    full: &Attention,
+    sparse: &Attention,
+    kept: &(dyn Fn(usize, usize) -> usize + Sync),
+    precision: Precision,
+) -> Result<Vec<QueryAudit>> {
+    check_stats(heads, stats)?;
     let (hq, l, d) = (heads.num_q_heads(), heads.len(), heads.dim());
     for (name, a) in [("exact", full), ("sparse", sparse)] {
         if a.o.dim() != (hq, l, d) || a.lse.dim() != (hq, l) {
@@ -363,7 +435,6 @@ pub fn audit_outputs(
             )));
         }
     }
-    let stats = PrefixStats::of(heads);
     Ok((0..hq * l)
         .into_par_iter()
         .map(|n| {

@@ -1,7 +1,9 @@
 //! The `tca` command line: each subcommand is a thin layer over the library.
 
 pub mod commands;
+pub mod gpu;
 pub mod model;
+pub mod niah;
 pub mod quality;
 pub mod report;
 
@@ -45,7 +47,7 @@ pub enum Command {
     /// Perplexity and top-1 agreement with exact attention, TCA across tau (table).
     QualityPpl(quality::QualityPplArgs),
     /// Needle-in-a-haystack retrieval for exact attention, TCA and the peers (table).
-    QualityNiah(quality::QualityNiahArgs),
+    QualityNiah(niah::QualityNiahArgs),
     /// Per layer and KV head: budget, keep fraction, gamma statistics (table).
     QualityHeads(quality::QualityHeadsArgs),
 }
@@ -64,7 +66,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::CalibrateModel(a) => model::run_calibrate_model(a),
         Command::ExportHf(a) => model::run_export_hf(a),
         Command::QualityPpl(a) => quality::run_quality_ppl(a),
-        Command::QualityNiah(a) => quality::run_quality_niah(a),
+        Command::QualityNiah(a) => niah::run_quality_niah(a),
         Command::QualityHeads(a) => quality::run_quality_heads(a),
     }
 }

@@ -91,7 +91,8 @@ pub struct CalibrationArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Calibration profile made by `tca calibrate-model` (else: calibrate on the fly on
-    /// the calibration passage below).
+    /// the calibration passage below); several, comma-separated, for several taus (each
+    /// tau asked for takes the profile calibrated for it).
     #[arg(long)]
     pub profile: Option<PathBuf>,
     /// First token of the calibration passage within the calibration text.
@@ -124,25 +125,42 @@ impl CalibrationArgs {
     /// The profile: loaded (and checked against the configuration's block size), or
     /// calibrated on the calibration passage for each of `taus`.
     pub fn profiles(&self, model: &Model, cfg: &Config, taus: &[f64]) -> Result<Vec<Profile>> {
-        if let Some(p) = &self.profile {
-            let prof = Profile::load(p)?;
-            if prof.config.block_size != cfg.block_size {
-                return Err(TcaError::ProfileMismatch(format!(
-                    "{} was calibrated with block_size = {}, the configuration has {}",
-                    p.display(),
-                    prof.config.block_size,
-                    cfg.block_size
-                )));
+        if let Some(list) = &self.profile {
+            let mut profs = Vec::new();
+            for p in list.to_string_lossy().split(',').filter(|x| !x.is_empty()) {
+                let p = Path::new(p);
+                let prof = Profile::load(p)?;
+                if prof.config.block_size != cfg.block_size {
+                    return Err(TcaError::ProfileMismatch(format!(
+                        "{} was calibrated with block_size = {}, the configuration has {}",
+                        p.display(),
+                        prof.config.block_size,
+                        cfg.block_size
+                    )));
+                }
+                profs.push((p.to_path_buf(), prof));
             }
-            if let Some(t) = taus.iter().find(|&&t| t != prof.config.tau) {
-                return Err(TcaError::ProfileMismatch(format!(
-                    "{} was calibrated for tau = {}, but tau = {t} was asked for; \
-                     leave out --profile to calibrate each tau",
-                    p.display(),
-                    prof.config.tau
-                )));
-            }
-            return Ok(vec![prof; taus.len()]);
+            return taus
+                .iter()
+                .map(|&t| {
+                    profs
+                        .iter()
+                        .find(|(_, p)| p.config.tau == t)
+                        .map(|(_, p)| p.clone())
+                        .ok_or_else(|| {
+                            TcaError::ProfileMismatch(format!(
+                                "no profile in --profile {} was calibrated for tau = {t} (they have {}); \
+                                 leave out --profile to calibrate each tau",
+                                list.display(),
+                                profs
+                                    .iter()
+                                    .map(|(p, x)| format!("{}: tau = {}", p.display(), x.config.tau))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ))
+                        })
+                })
+                .collect();
         }
         let tokens = calibration_tokens(
             model,
@@ -336,6 +354,8 @@ pub struct CaptureArgs {
     /// accumulation; needs a `--features cuda` build and a GPU).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    #[command(flatten)]
+    pub rope: RopeArgs,
 }
 
 /// Arguments of `tca perplexity`.
@@ -364,6 +384,30 @@ pub struct PerplexityArgs {
     /// accumulation; exact and tca attention; needs a `--features cuda` build and a GPU).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    #[command(flatten)]
+    pub rope: RopeArgs,
+}
+
+/// RoPE scaling of the model, for contexts beyond the one it was trained to.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RopeArgs {
+    /// RoPE scaling: none, or KIND:FACTOR with KIND linear, ntk or yarn (e.g. yarn:4
+    /// runs SmolLM2, trained to 8,192 positions, at up to 32,768). Replaces the model's
+    /// own scaling.
+    #[arg(long)]
+    pub rope_scaling: Option<String>,
+}
+
+impl RopeArgs {
+    /// Loads the model at `path` (a GGUF file or a Hugging Face folder; the cache's
+    /// SmolLM2 when `None`) with this scaling applied.
+    pub fn load(&self, path: Option<&Path>) -> Result<Model> {
+        let mut model = Model::load(assets::model_path(path)?)?;
+        if let Some(spec) = &self.rope_scaling {
+            model.rescale_rope(spec)?;
+        }
+        Ok(model)
+    }
 }
 
 /// Parse a layer list ("all", "3", "0,5,10-12") against `n_layers`.
@@ -417,15 +461,15 @@ fn format_layers(layers: &[usize]) -> String {
 /// Load the model and the first `n` tokens of the text.
 fn load_inputs(
     model: Option<&Path>,
+    rope: &RopeArgs,
     text: Option<&Path>,
     n: usize,
 ) -> Result<(Model, Vec<u32>, usize)> {
     if n == 0 {
         return Err(TcaError::Invalid("--tokens must be at least 1".into()));
     }
-    let path = assets::model_path(model)?;
     let text = assets::read_text(text)?;
-    let model = Model::load(&path)?;
+    let model = rope.load(model)?;
     if n > model.llama.config.context {
         return Err(TcaError::Invalid(format!(
             "--tokens {n} exceeds the model's context of {}",
@@ -451,14 +495,18 @@ pub fn run_capture(args: CaptureArgs) -> Result<()> {
         return Err(TcaError::WouldOverwrite(args.out.clone()));
     }
     let t0 = Instant::now();
-    let (model, tokens, total) =
-        load_inputs(args.model.as_deref(), args.text.as_deref(), args.tokens)?;
+    let (model, tokens, total) = load_inputs(
+        args.model.as_deref(),
+        &args.rope,
+        args.text.as_deref(),
+        args.tokens,
+    )?;
     let layers = parse_layers(&args.layers, model.llama.config.n_layers)?;
     let t1 = Instant::now();
     let mut cap = match args.backend {
         BackendKind::Cpu => model.llama.capture(&tokens, &layers)?,
         BackendKind::Cuda => {
-            cuda_supports(&model)?;
+            super::gpu::cuda_supports(&model)?;
             capture_cuda(&model, &tokens, &layers)?
         }
     };
@@ -541,12 +589,16 @@ pub struct PerplexityReport {
 /// Compute what `tca perplexity` prints.
 pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     let t0 = Instant::now();
-    let (model, tokens, total) =
-        load_inputs(args.model.as_deref(), args.text.as_deref(), args.tokens)?;
+    let (model, tokens, total) = load_inputs(
+        args.model.as_deref(),
+        &args.rope,
+        args.text.as_deref(),
+        args.tokens,
+    )?;
     let cfg = args.calibration.config()?;
     let t1 = Instant::now();
     if args.backend == BackendKind::Cuda {
-        cuda_supports(&model)?;
+        super::gpu::cuda_supports(&model)?;
         let (score, keep_fraction, calibrate_s, open_s, forward_s) =
             score_cuda(args, &model, &tokens, &cfg)?;
         return Ok(PerplexityReport {
@@ -591,38 +643,6 @@ pub fn perplexity(args: &PerplexityArgs) -> Result<PerplexityReport> {
     })
 }
 
-/// An error when the model uses what the GPU forward does not apply yet: q/k/v/o
-/// biases (qwen2), `rope_scaling`, or a head dim other than hidden / heads.
-fn cuda_supports(model: &Model) -> Result<()> {
-    let c = &model.llama.config;
-    let mut uses = Vec::new();
-    if model
-        .llama
-        .layer_weights(0)
-        .is_some_and(|w| w.bq.is_some() || w.bk.is_some() || w.bv.is_some() || w.bo.is_some())
-    {
-        uses.push("attention biases".to_string());
-    }
-    if c.rope_scaling != crate::model::rope::RopeScaling::None {
-        uses.push(format!("rope_scaling {:?}", c.rope_scaling));
-    }
-    if c.head_dim * c.n_heads != c.hidden {
-        uses.push(format!(
-            "head dim {} with {} heads and hidden {}",
-            c.head_dim, c.n_heads, c.hidden
-        ));
-    }
-    if uses.is_empty() {
-        Ok(())
-    } else {
-        Err(TcaError::Backend(format!(
-            "the CUDA forward does not apply {} yet (model {}); use --backend cpu",
-            uses.join(", "),
-            model.name
-        )))
-    }
-}
-
 /// The GPU forward's capture (`--backend cuda`).
 #[cfg(feature = "cuda")]
 fn capture_cuda(model: &Model, tokens: &[u32], layers: &[usize]) -> Result<crate::model::Capture> {
@@ -656,16 +676,8 @@ fn score_cuda(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn no_cuda() -> TcaError {
-    TcaError::Backend(
-        "this tca was built without CUDA; rebuild with `cargo build --release --features cuda`"
-            .into(),
-    )
-}
-
-#[cfg(not(feature = "cuda"))]
 fn capture_cuda(_: &Model, _: &[u32], _: &[usize]) -> Result<crate::model::Capture> {
-    Err(no_cuda())
+    Err(super::gpu::no_cuda())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -675,7 +687,7 @@ fn score_cuda(
     _: &[u32],
     _: &Config,
 ) -> Result<(Score, f64, f64, f64, f64)> {
-    Err(no_cuda())
+    Err(super::gpu::no_cuda())
 }
 
 /// `tca perplexity`: prints the details, then `perplexity: <number>` as the last line.

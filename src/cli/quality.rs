@@ -15,21 +15,22 @@ use std::time::Instant;
 
 use clap::Args;
 use ndarray::ArrayView3;
-use polars::prelude::*;
 
-use super::model::{AttentionKind, CalibrationArgs};
+use super::gpu::Engine;
+use super::model::{AttentionKind, CalibrationArgs, RopeArgs};
+use crate::backend::BackendKind;
 use crate::bound::audit;
 use crate::calibration::Profile;
 use crate::config::Config;
 use crate::error::{Result, TcaError};
-use crate::experiments::table::{pe, write};
+use crate::experiments::table::{Table, Val};
 use crate::model::attention::to_heads;
-use crate::model::sparse::{generate_tca, SparsePolicy};
-use crate::model::{assets, Exact, Model, QkvHook};
+use crate::model::sparse::SparsePolicy;
+use crate::model::{assets, Exact, QkvHook};
 use crate::selection::policies::Policy;
 use crate::selection::select;
 
-fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
+pub(crate) fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
     let v = s
         .split(',')
         .filter(|x| !x.trim().is_empty())
@@ -45,7 +46,7 @@ fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
     Ok(v)
 }
 
-fn parse_kinds(s: &str) -> Result<Vec<AttentionKind>> {
+pub(crate) fn parse_kinds(s: &str) -> Result<Vec<AttentionKind>> {
     s.split(',')
         .filter(|x| !x.trim().is_empty())
         .map(|x| {
@@ -63,76 +64,13 @@ fn parse_kinds(s: &str) -> Result<Vec<AttentionKind>> {
         .collect()
 }
 
-fn check_out(out: &Path, stem: &str, force: bool) -> Result<PathBuf> {
+pub(crate) fn check_out(out: &Path, stem: &str, force: bool) -> Result<PathBuf> {
     let csv = out.join(format!("{stem}.csv"));
     if csv.exists() && !force {
         return Err(TcaError::WouldOverwrite(csv));
     }
     std::fs::create_dir_all(out).map_err(|e| TcaError::io(out, e))?;
     Ok(out.join(stem))
-}
-
-/// Columns of f64/str/u64 values, turned into a DataFrame at each write.
-#[derive(Default)]
-struct Table {
-    names: Vec<&'static str>,
-    cols: Vec<Col>,
-}
-
-enum Col {
-    F(Vec<f64>),
-    S(Vec<String>),
-    U(Vec<u64>),
-}
-
-enum Val {
-    F(f64),
-    S(String),
-    U(u64),
-}
-
-impl Table {
-    fn push(&mut self, row: Vec<(&'static str, Val)>) -> Result<()> {
-        if self.names.is_empty() {
-            for (n, v) in &row {
-                self.names.push(n);
-                self.cols.push(match v {
-                    Val::F(_) => Col::F(Vec::new()),
-                    Val::S(_) => Col::S(Vec::new()),
-                    Val::U(_) => Col::U(Vec::new()),
-                });
-            }
-        }
-        if row.len() != self.names.len() {
-            return Err(TcaError::Shape("table row of another width".into()));
-        }
-        for ((_, v), c) in row.into_iter().zip(&mut self.cols) {
-            match (v, c) {
-                (Val::F(x), Col::F(c)) => c.push(x),
-                (Val::S(x), Col::S(c)) => c.push(x),
-                (Val::U(x), Col::U(c)) => c.push(x),
-                _ => return Err(TcaError::Shape("table column of another type".into())),
-            }
-        }
-        Ok(())
-    }
-
-    fn write(&self, stem: &Path) -> Result<()> {
-        let cols: Vec<Column> = self
-            .names
-            .iter()
-            .zip(&self.cols)
-            .map(|(n, c)| match c {
-                Col::F(v) => Column::new((*n).into(), v),
-                Col::S(v) => Column::new((*n).into(), v),
-                Col::U(v) => Column::new((*n).into(), v),
-            })
-            .collect();
-        let height = cols.first().map_or(0, |c| c.len());
-        let mut df = DataFrame::new(height, cols).map_err(pe(stem))?;
-        write(stem, &mut df)?;
-        Ok(())
-    }
 }
 
 /// Arguments of `tca quality-ppl`.
@@ -171,6 +109,11 @@ pub struct QualityPplArgs {
     /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
+    /// Where the model runs: cpu (f32; every attention) or cuda (exact and tca).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
 }
 
 /// `tca quality-ppl`.
@@ -189,8 +132,22 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
             taus.push(*t);
         }
     }
+    if a.backend == BackendKind::Cuda {
+        if let Some(k) = peers.first() {
+            return Err(TcaError::Invalid(format!(
+                "peer {} runs on the CPU only (--backend cpu); the GPU runs exact and tca",
+                k.name()
+            )));
+        }
+    }
     let cfg = a.calibration.config()?;
-    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    let model = a.rope.load(a.model.as_deref())?;
+    if let Some(&n) = lengths.iter().find(|&&n| n > model.llama.config.context) {
+        return Err(TcaError::Invalid(format!(
+            "--lengths: {n} exceeds the model's context of {} (see --rope-scaling)",
+            model.llama.config.context
+        )));
+    }
     let text = assets::read_text(a.text.as_deref())?;
     let all = model.tokenizer.encode(&text)?;
     if let Some(&n) = lengths.iter().find(|&&n| n < 2 || n > all.len()) {
@@ -209,11 +166,23 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
         cfg.window,
         cfg.criterion
     );
+    let engine = match a.backend {
+        BackendKind::Cuda => Some(Engine::open(&model)?),
+        BackendKind::Cpu => None,
+    };
+    let backend = match &engine {
+        Some(e) => format!("cuda ({})", e.device()),
+        None => "cpu".to_string(),
+    };
+    let rope = format!("{:?}", model.llama.config.rope_scaling);
     let mut table = Table::default();
     for &n in &lengths {
         let tokens = &all[..n];
         let t = Instant::now();
-        let exact = model.llama.score(tokens, &Exact::default(), 1)?;
+        let exact = match &engine {
+            Some(e) => e.score(tokens, None, 1)?.0,
+            None => model.llama.score(tokens, &Exact::default(), 1)?,
+        };
         let exact_s = t.elapsed().as_secs_f64();
         let mut rows: Vec<(AttentionKind, f64)> = vec![(AttentionKind::Exact, f64::NAN)];
         for &tau in &taus {
@@ -232,14 +201,22 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
             } else {
                 let i = taus.iter().position(|&x| x == tau).unwrap_or(0);
                 let c = kind.config(&Config { tau, ..cfg.clone() });
-                let pol = SparsePolicy::new(
-                    kind.policy().unwrap_or(Policy::Tca),
-                    c,
-                    profiles[i].clone(),
-                )?;
                 let t = Instant::now();
-                let s = model.llama.score(tokens, &pol, 1)?;
-                (s, pol.mean_keep_fraction(), t.elapsed().as_secs_f64())
+                match &engine {
+                    Some(e) => {
+                        let (s, keep) = e.score(tokens, Some((&c, &profiles[i])), 1)?;
+                        (s, keep, t.elapsed().as_secs_f64())
+                    }
+                    None => {
+                        let pol = SparsePolicy::new(
+                            kind.policy().unwrap_or(Policy::Tca),
+                            c,
+                            profiles[i].clone(),
+                        )?;
+                        let s = model.llama.score(tokens, &pol, 1)?;
+                        (s, pol.mean_keep_fraction(), t.elapsed().as_secs_f64())
+                    }
+                }
             };
             let agree = score.agreement(&exact)?;
             println!(
@@ -261,267 +238,10 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
                 ("top1_agreement_exact", Val::F(agree)),
                 ("seconds", Val::F(secs)),
                 ("tokens_per_s", Val::F(n as f64 / secs)),
+                ("rope_scaling", Val::S(rope.clone())),
+                ("backend", Val::S(backend.clone())),
             ])?;
             table.write(&stem)?;
-        }
-    }
-    println!("wrote {}.csv and .parquet", stem.display());
-    Ok(())
-}
-
-/// Arguments of `tca quality-niah`.
-#[derive(Debug, Clone, Args)]
-pub struct QualityNiahArgs {
-    /// Haystack lengths in tokens (the whole prompt, question included; the prompt plus
-    /// the answer tokens must fit in the model's 8,192-token context).
-    #[arg(long, default_value = "1024,2048,4096,8182")]
-    pub lengths: String,
-    /// Needle depths in percent of the haystack.
-    #[arg(long, default_value = "0,25,50,75,100")]
-    pub depths: String,
-    /// Attentions to compare.
-    #[arg(
-        long,
-        default_value = "exact,tca,oracle_topk,streaming_llm,block_topk,cumulative_threshold"
-    )]
-    pub attention: String,
-    /// Lengths above this run only `--long-attention`.
-    #[arg(long, default_value_t = usize::MAX)]
-    pub long_from: usize,
-    #[arg(long, default_value = "exact,tca")]
-    pub long_attention: String,
-    /// Calibration targets tau for TCA and the peers (default: the configuration's tau).
-    #[arg(long, default_value = "")]
-    pub taus: String,
-    /// Seed of the needles' random numbers.
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
-    /// Tokens generated for the answer.
-    #[arg(long, default_value_t = 10)]
-    pub answer_tokens: usize,
-    /// Folder of the essays (default: the cache's PaulGrahamEssays).
-    #[arg(long)]
-    pub essays: Option<PathBuf>,
-    #[command(flatten)]
-    pub calibration: CalibrationArgs,
-    #[arg(long, default_value = "results/quality")]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub force: bool,
-    /// Model: a GGUF file or a Hugging Face folder (default: the cache's
-    /// SmolLM2-135M-Instruct.Q4_1.gguf).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-}
-
-/// The needle's number of (length, depth): 7 digits from a seeded SplitMix64.
-pub fn needle_number(seed: u64, len: usize, depth: u64) -> u64 {
-    let mut z = seed
-        .wrapping_add((len as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(depth.wrapping_mul(0xBF58_476D_1CE4_E5B9));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    1_000_000 + z % 9_000_000
-}
-
-/// Prompt tokens of one NIAH case: `len` tokens in all, the needle sentence planted at
-/// `depth` percent of the haystack part, at the start of a sentence when one begins
-/// nearby.
-pub fn niah_prompt(
-    model: &Model,
-    hay: &[u32],
-    len: usize,
-    depth: u64,
-    number: u64,
-) -> Result<Vec<u32>> {
-    let tok = &model.tokenizer;
-    let needle = tok.encode(&format!(
-        " The special magic number is {number}. Remember it: the special magic number is {number}."
-    ))?;
-    let question = tok.encode(
-        "\n\nQuestion: What is the special magic number mentioned in the text above?\nAnswer: The special magic number is",
-    )?;
-    let fixed = needle.len() + question.len();
-    if len <= fixed + 16 {
-        return Err(TcaError::Invalid(format!(
-            "NIAH length {len} leaves no room for a haystack ({fixed} tokens of needle and question)"
-        )));
-    }
-    let n_hay = len - fixed;
-    if n_hay > hay.len() {
-        return Err(TcaError::Invalid(format!(
-            "NIAH length {len}: the haystack has only {} tokens",
-            hay.len()
-        )));
-    }
-    let hay = &hay[..n_hay];
-    let mut at = (n_hay as u64 * depth.min(100) / 100) as usize;
-    // Move to just after the nearest full stop within 40 tokens before, if any.
-    let dot = tok.encode(".")?;
-    if at > 0 && at < n_hay {
-        if let Some(p) = (at.saturating_sub(40)..at)
-            .rev()
-            .find(|&p| dot.contains(&hay[p]))
-        {
-            at = p + 1;
-        }
-    }
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&hay[..at]);
-    out.extend_from_slice(&needle);
-    out.extend_from_slice(&hay[at..]);
-    out.extend_from_slice(&question);
-    Ok(out)
-}
-
-/// `tca quality-niah`.
-pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
-    let stem = check_out(&a.out, "niah", a.force)?;
-    let lengths: Vec<usize> = parse_list("--lengths", &a.lengths)?;
-    let depths: Vec<u64> = parse_list("--depths", &a.depths)?;
-    let kinds = parse_kinds(&a.attention)?;
-    let long_kinds = parse_kinds(&a.long_attention)?;
-    if a.answer_tokens == 0 {
-        return Err(TcaError::Invalid(
-            "--answer-tokens must be at least 1".into(),
-        ));
-    }
-    let cfg = a.calibration.config()?;
-    let taus: Vec<f64> = if a.taus.trim().is_empty() {
-        vec![cfg.tau]
-    } else {
-        parse_list("--taus", &a.taus)?
-    };
-    for &tau in &taus {
-        Config { tau, ..cfg.clone() }.validate()?;
-    }
-    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
-    if let Some(&n) = lengths
-        .iter()
-        .find(|&&n| n + a.answer_tokens > model.llama.config.context)
-    {
-        return Err(TcaError::Invalid(format!(
-            "NIAH length {n} plus the answer exceeds the model's context"
-        )));
-    }
-    let hay = model
-        .tokenizer
-        .encode(&assets::haystack(a.essays.as_deref())?)?;
-    let profiles = if kinds
-        .iter()
-        .chain(&long_kinds)
-        .any(|k| k.policy().is_some())
-    {
-        a.calibration.profiles(&model, &cfg, &taus)?
-    } else {
-        Vec::new()
-    };
-    let eos = Some(model.tokenizer.eos_id);
-    let mut table = Table::default();
-    for &n in &lengths {
-        for &depth in &depths {
-            let number = needle_number(a.seed, n, depth);
-            let prompt = niah_prompt(&model, &hay, n, depth, number)?;
-            let mut exact_answer = String::new();
-            let ks = if n > a.long_from { &long_kinds } else { &kinds };
-            // TCA runs twice: with its compacted decoding cache (docs/algorithm.md §3), and
-            // with its prefill followed by exact decoding over the full cache (as the
-            // peers decode), to separate the two phases.
-            // Each sparse attention runs once per tau, with that tau's profile.
-            let mut runs: Vec<(AttentionKind, bool, usize)> = Vec::new();
-            for &k in ks {
-                if k.policy().is_none() {
-                    runs.push((k, false, 0));
-                    continue;
-                }
-                for ti in 0..taus.len() {
-                    runs.push((k, false, ti));
-                    if k == AttentionKind::Tca {
-                        runs.push((k, true, ti));
-                    }
-                }
-            }
-            for (kind, full_decode, ti) in runs {
-                let t = Instant::now();
-                let cfg = kind.config(&Config {
-                    tau: taus[ti],
-                    ..cfg.clone()
-                });
-                let profile = profiles.get(ti).cloned();
-                let (out, keep) = match kind.policy() {
-                    Some(Policy::Tca) if !full_decode => {
-                        let prof = profile.clone().ok_or_else(|| {
-                            TcaError::Invalid("TCA needs a calibration profile".into())
-                        })?;
-                        let mut pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof)?;
-                        let (out, _) =
-                            generate_tca(&model.llama, &prompt, a.answer_tokens, &mut pol, eos)?;
-                        (out, pol.mean_keep_fraction())
-                    }
-                    Some(p) => {
-                        let prof = profile.clone().ok_or_else(|| {
-                            TcaError::Invalid(format!("{} needs a calibration profile", p.name()))
-                        })?;
-                        let pol = SparsePolicy::new(p, cfg.clone(), prof)?;
-                        let out =
-                            model
-                                .llama
-                                .generate_greedy(&prompt, a.answer_tokens, &pol, eos)?;
-                        (out, pol.mean_keep_fraction())
-                    }
-                    None => {
-                        let out = model.llama.generate_greedy(
-                            &prompt,
-                            a.answer_tokens,
-                            &Exact::default(),
-                            eos,
-                        )?;
-                        (out, 1.0)
-                    }
-                };
-                let label = match (kind, full_decode) {
-                    (AttentionKind::Tca, true) => "tca_prefill_full_decode",
-                    _ => kind.name(),
-                };
-                let tau = if kind.policy().is_some() {
-                    cfg.tau
-                } else {
-                    f64::NAN
-                };
-                let secs = t.elapsed().as_secs_f64();
-                let answer = model.tokenizer.decode(&out)?;
-                let digits: String = answer
-                    .chars()
-                    .skip_while(|c| !c.is_ascii_digit())
-                    .take_while(|c| c.is_ascii_digit())
-                    .collect();
-                let correct = digits == number.to_string();
-                if kind == AttentionKind::Exact {
-                    exact_answer = digits.clone();
-                }
-                let agrees = !exact_answer.is_empty() && digits == exact_answer;
-                println!(
-                    "L = {n:>5} depth {depth:>3}%  {label:<24} tau {:<5} want {number} got {:<12} {} {}  {secs:.1} s",
-                    if tau.is_nan() { "-".to_string() } else { tau.to_string() },
-                    format!("{digits:?}"),
-                    if correct { "correct" } else { "wrong  " },
-                    if agrees { "(= exact)" } else { "" }
-                );
-                table.push(vec![
-                    ("length", Val::U(n as u64)),
-                    ("depth_pct", Val::U(depth)),
-                    ("attention", Val::S(label.into())),
-                    ("tau", Val::F(tau)),
-                    ("needle", Val::U(number)),
-                    ("answer", Val::S(answer.replace('\n', "\\n"))),
-                    ("correct", Val::U(correct as u64)),
-                    ("agrees_with_exact", Val::U(agrees as u64)),
-                    ("prefill_keep_fraction", Val::F(keep)),
-                    ("seconds", Val::F(secs)),
-                ])?;
-                table.write(&stem)?;
-            }
         }
     }
     println!("wrote {}.csv and .parquet", stem.display());
@@ -547,6 +267,23 @@ pub struct QualityHeadsArgs {
     /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
+    /// cpu: the exact forward's Q, K, V audited under TCA's selection (f64 oracle,
+    /// heads.csv). cuda: a TCA forward on the GPU with every layer audited
+    /// (layers_L{N}.csv, one row per layer and query head) and the eviction regret of
+    /// decoding over the compacted cache (regret_L{N}.csv).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// cuda: decode steps measuring the eviction regret (after the first L - N tokens
+    /// of the passage; at most b).
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// cuda: rows per layer the f64 oracle audits (a seeded sample).
+    #[arg(long, default_value_t = 2048)]
+    pub oracle_rows: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Audits every layer of an exact forward pass under the profile's TCA selection.
@@ -616,9 +353,12 @@ impl QkvHook for HeadsHook<'_> {
 
 /// `tca quality-heads`.
 pub fn run_quality_heads(a: QualityHeadsArgs) -> Result<()> {
+    if a.backend == BackendKind::Cuda {
+        return run_quality_heads_gpu(a);
+    }
     let stem = check_out(&a.out, "heads", a.force)?;
     let cfg = a.calibration.config()?;
-    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    let model = a.rope.load(a.model.as_deref())?;
     let text = assets::read_text(a.text.as_deref())?;
     let mut tokens = model.tokenizer.encode(&text)?;
     if a.tokens < 2 || a.tokens > tokens.len() || a.tokens > model.llama.config.context {
@@ -644,5 +384,140 @@ pub fn run_quality_heads(a: QualityHeadsArgs) -> Result<()> {
         .llama
         .prefill_hidden(&tokens, &Exact::default(), Some(&mut hook), None)?;
     println!("wrote {}.csv and .parquet", stem.display());
+    Ok(())
+}
+
+/// `tca quality-heads --backend cuda`: the per-layer audit of a TCA forward on the GPU
+/// and the eviction regret of compact decoding.
+fn run_quality_heads_gpu(a: QualityHeadsArgs) -> Result<()> {
+    let n = a.tokens;
+    let stem = check_out(&a.out, &format!("layers_L{n}"), a.force)?;
+    let rstem = check_out(&a.out, &format!("regret_L{n}"), a.force)?;
+    let cfg = a.calibration.config()?;
+    let model = a.rope.load(a.model.as_deref())?;
+    let text = assets::read_text(a.text.as_deref())?;
+    let mut tokens = model.tokenizer.encode(&text)?;
+    let ctx = model.llama.config.context;
+    if n < 2 || n > tokens.len() || n > ctx {
+        return Err(TcaError::Invalid(format!(
+            "--tokens {n} outside 2..={} (the text's tokens and the model's context; see --rope-scaling)",
+            tokens.len().min(ctx)
+        )));
+    }
+    if a.decode_tokens == 0 || a.decode_tokens > cfg.block_size || a.decode_tokens >= n {
+        return Err(TcaError::Invalid(format!(
+            "--decode-tokens {} outside 1..={} (b, and fewer than --tokens)",
+            a.decode_tokens,
+            cfg.block_size.min(n - 1)
+        )));
+    }
+    tokens.truncate(n);
+    let profile = a
+        .calibration
+        .profiles(&model, &cfg, &[cfg.tau])?
+        .pop()
+        .ok_or_else(|| TcaError::Invalid("no profile".into()))?;
+    let engine = Engine::open(&model)?;
+    let rope = format!("{:?}", model.llama.config.rope_scaling);
+    let t0 = Instant::now();
+    let (score, rows, keep, audit_s) =
+        engine.audited(&tokens, &cfg, &profile, a.oracle_rows, a.seed)?;
+    let forward_s = t0.elapsed().as_secs_f64() - audit_s;
+    let mut table = Table::default();
+    for r in &rows {
+        let mut row: Vec<(String, Val)> = vec![
+            ("length".into(), Val::U(n as u64)),
+            ("layer".into(), Val::U(r.layer as u64)),
+            ("q_head".into(), Val::U(r.q_head as u64)),
+            ("kv_head".into(), Val::U(r.kv_head as u64)),
+            ("tau".into(), Val::F(cfg.tau)),
+            ("queries".into(), Val::U(r.queries as u64)),
+            ("keep_fraction".into(), Val::F(r.keep_fraction)),
+            ("mean_gamma".into(), Val::F(r.mean_gamma)),
+            ("max_gamma".into(), Val::F(r.max_gamma)),
+            (
+                "frac_gamma_above_1_minus_tau".into(),
+                Val::F(r.frac_gamma_above),
+            ),
+            ("non_finite".into(), Val::U(r.non_finite as u64)),
+        ];
+        for &(k, v, m, p) in &r.readings {
+            row.push((format!("{k}_violations"), Val::U(v as u64)));
+            row.push((format!("{k}_measured"), Val::U(m as u64)));
+            row.push((format!("{k}_with_power"), Val::U(p as u64)));
+        }
+        row.extend([
+            ("oracle_rows".into(), Val::U(r.oracle_rows as u64)),
+            (
+                "oracle_true_violations".into(),
+                Val::U(r.oracle_true_violations as u64),
+            ),
+            (
+                "oracle_max_gamma_diff".into(),
+                Val::F(r.oracle_max_gamma_diff),
+            ),
+            ("rope_scaling".into(), Val::S(rope.clone())),
+            ("device".into(), Val::S(engine.device())),
+        ]);
+        table.push(row)?;
+    }
+    table.write(&stem)?;
+    let agg = |f: &dyn Fn(&crate::bound::layers::HeadAuditRow) -> f64| {
+        rows.iter().map(f).sum::<f64>() / rows.len().max(1) as f64
+    };
+    let true_viol: usize = rows
+        .iter()
+        .map(|r| r.readings[..3].iter().map(|x| x.1).sum::<usize>())
+        .sum();
+    let measured: usize = rows
+        .iter()
+        .map(|r| r.readings[..3].iter().map(|x| x.2).sum::<usize>())
+        .sum();
+    let oracle_rows: usize = rows.iter().map(|r| r.oracle_rows).sum();
+    let oracle_viol: usize = rows.iter().map(|r| r.oracle_true_violations).sum();
+    println!(
+        "L = {n} ({rope}): perplexity {:.4} with TCA (tau {}, keep {keep:.4}); forward {forward_s:.1} s, audit {audit_s:.1} s",
+        score.perplexity(),
+        cfg.tau
+    );
+    println!(
+        "  mean gamma {:.4}, share of queries with gamma > 1 - tau {:.4}; true readings (linf_entrymax, l1_induced, l2_diameter): {true_viol} violations in {measured} checks (self-audit, every query); oracle sample: {oracle_viol} violations of the identity and the true readings in {oracle_rows} rows x 4",
+        agg(&|r| r.mean_gamma),
+        agg(&|r| r.frac_gamma_above)
+    );
+    // Eviction regret: decode over the compacted cache after the first L - N tokens.
+    let prompt = &tokens[..n - a.decode_tokens];
+    let g = engine.generate(prompt, a.decode_tokens, Some((&cfg, &profile)), true, None)?;
+    let c = &model.llama.config;
+    let group = c.n_heads / c.n_kv_heads;
+    let mut rt = Table::default();
+    let layers = g.regret.first().map_or(0, |s| s.len());
+    for li in 0..layers {
+        let per_step: Vec<Vec<f64>> = g.regret.iter().map(|s| s[li].clone()).collect();
+        for (kv, (mean, max)) in crate::bound::layers::regret_by_kv(&per_step, group, c.n_kv_heads)
+            .into_iter()
+            .enumerate()
+        {
+            rt.push(vec![
+                ("length", Val::U(prompt.len() as u64)),
+                ("layer", Val::U(li as u64)),
+                ("kv_head", Val::U(kv as u64)),
+                ("steps", Val::U(per_step.len() as u64)),
+                ("mean_regret", Val::F(mean)),
+                ("max_regret", Val::F(max)),
+                ("tau", Val::F(cfg.tau)),
+                ("rope_scaling", Val::S(rope.clone())),
+            ])?;
+        }
+    }
+    rt.write(&rstem)?;
+    println!(
+        "  eviction regret over {} decode steps: mean {:.4}; decode {:.1} ms/token; wrote {}.csv and {}.csv",
+        g.regret.len(),
+        g.mean_regret(),
+        1e3 * g.decode_s / g.tokens.len().saturating_sub(1).max(1) as f64,
+        stem.display(),
+        rstem.display()
+    );
     Ok(())
 }

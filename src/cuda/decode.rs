@@ -4,7 +4,7 @@
 
 use super::selection::DevSelection;
 use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
 /// Rows a CTA streams per step (4 warps x 16 rows, NW * ROWS in kernels/decode.cu).
 pub const STEP: usize = 64;
@@ -88,84 +88,123 @@ impl DevDecode {
     }
 }
 
-/// Decode over the compacted cache: S_G (count on the device) then the window.
+/// How many rows of a [`Segment`] each KV head has.
+#[derive(Clone, Copy)]
+pub enum SegCount<'a> {
+    /// Per KV head, on the device (|S_G| after the selection).
+    Device(&'a CudaSlice<i32>),
+    /// The same for every KV head.
+    Fixed(usize),
+}
+
+/// A run of cached keys for the decode kernel: rows `[Hkv, stride, d]` of `k` and `v`
+/// (bf16), the first `count` rows of each KV head read.
+pub struct Segment<'a> {
+    pub k: CudaView<'a, u16>,
+    pub v: CudaView<'a, u16>,
+    pub count: SegCount<'a>,
+    pub stride: usize,
+}
+
+/// Decode of one query per query head (`q`: row 0 of each head, heads `q_stride`
+/// elements apart) over segment `a` followed by segment `b`: the keys attended are the
+/// rows of both (split over KV as [`DevDecode`] was sized). `h` gives Hq, Hkv and d.
+pub fn run_segments(
+    gpu: &Gpu,
+    h: &DevHeads,
+    q: CudaView<'_, u16>,
+    q_stride: usize,
+    a: &Segment<'_>,
+    b: Option<&Segment<'_>>,
+    out: &mut DevDecode,
+) -> GpuResult<()> {
+    let fixed = |c: SegCount| match c {
+        SegCount::Fixed(n) => n,
+        SegCount::Device(_) => 0,
+    };
+    if let SegCount::Fixed(n) = a.count {
+        let nb = b.map_or(0, |b| fixed(b.count));
+        if out.sk * out.nsplit < n + nb {
+            return Err(super::GpuError::Invalid(format!(
+                "decode buffers hold {} keys per head, {} asked for",
+                out.sk * out.nsplit,
+                n + nb
+            )));
+        }
+    }
+    if b.is_some_and(|b| matches!(b.count, SegCount::Device(_))) {
+        return Err(super::GpuError::Invalid(
+            "the second decode segment needs a fixed count".into(),
+        ));
+    }
+    let f = kernel(gpu, h)?;
+    let (null, zero) = (0u64, 0i32);
+    let qs = q_stride as i64;
+    let na = fixed(a.count) as i32;
+    let sa = a.stride as i64;
+    let (nb, sb) = b.map_or((0, 0), |b| (fixed(b.count) as i32, b.stride as i64));
+    let sl2 = h.scale_log2();
+    let sk = out.sk as i32;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&q).arg(&qs).arg(&a.k).arg(&a.v);
+    match &a.count {
+        SegCount::Device(c) => l.arg(*c),
+        SegCount::Fixed(_) => l.arg(&null),
+    };
+    l.arg(&na).arg(&sa);
+    match b {
+        Some(b) => l.arg(&b.k).arg(&b.v),
+        None => l.arg(&null).arg(&null),
+    };
+    l.arg(if b.is_some() { &nb } else { &zero })
+        .arg(&sb)
+        .arg(&sk)
+        .arg(&mut out.part_o)
+        .arg(&mut out.part_ml)
+        .arg(&sl2);
+    unsafe {
+        l.launch(cfg(
+            (out.nsplit as u32, h.hkv as u32, 1),
+            128,
+            smem_bytes(h.dim) as u32,
+        ))
+    }
+    .ctx("tca_decode")?;
+    out.combine(gpu, h)
+}
+
+/// Decode of the last prefill query over the compacted cache: S_G (count on the
+/// device) then the window.
 pub fn run_sparse(
     gpu: &Gpu,
     h: &DevHeads,
     sel: &DevSelection,
     out: &mut DevDecode,
 ) -> GpuResult<()> {
-    let f = kernel(gpu, h)?;
-    let qd = h.q.slice((h.len - 1) * h.dim..);
-    let qs = (h.len * h.dim) as i64;
-    let (zero, sa, nb, sb) = (0i32, sel.gcap as i64, sel.window as i32, sel.wcap as i64);
-    let sl2 = h.scale_log2();
-    let sk = out.sk as i32;
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&qd)
-            .arg(&qs)
-            .arg(&sel.gk)
-            .arg(&sel.gv)
-            .arg(&sel.gcount)
-            .arg(&zero)
-            .arg(&sa)
-            .arg(&sel.wk)
-            .arg(&sel.wv)
-            .arg(&nb)
-            .arg(&sb)
-            .arg(&sk)
-            .arg(&mut out.part_o)
-            .arg(&mut out.part_ml)
-            .arg(&sl2)
-            .launch(cfg(
-                (out.nsplit as u32, h.hkv as u32, 1),
-                128,
-                smem_bytes(h.dim) as u32,
-            ))
-    }
-    .ctx("tca_decode (sparse)")?;
-    out.combine(gpu, h)
+    let a = Segment {
+        k: sel.gk.slice(..),
+        v: sel.gv.slice(..),
+        count: SegCount::Device(&sel.gcount),
+        stride: sel.gcap,
+    };
+    let b = Segment {
+        k: sel.wk.slice(..),
+        v: sel.wv.slice(..),
+        count: SegCount::Fixed(sel.window),
+        stride: sel.wcap,
+    };
+    let q = h.q.slice((h.len - 1) * h.dim..);
+    run_segments(gpu, h, q, h.len * h.dim, &a, Some(&b), out)
 }
 
-/// Dense decode over all L keys of K, V.
+/// Dense decode of the last prefill query over all L keys of K, V.
 pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> {
-    let f = kernel(gpu, h)?;
-    let qd = h.q.slice((h.len - 1) * h.dim..);
-    let qs = (h.len * h.dim) as i64;
-    let (null, na, sa, zero, zl) = (0u64, h.len as i32, h.len as i64, 0i32, 0i64);
-    let sl2 = h.scale_log2();
-    let sk = out.sk as i32;
-    if out.sk * out.nsplit < h.len {
-        return Err(super::GpuError::Invalid(
-            "decode buffers too small for L keys".into(),
-        ));
-    }
-    unsafe {
-        gpu.stream
-            .launch_builder(&f)
-            .arg(&qd)
-            .arg(&qs)
-            .arg(&h.k)
-            .arg(&h.v)
-            .arg(&null)
-            .arg(&na)
-            .arg(&sa)
-            .arg(&null)
-            .arg(&null)
-            .arg(&zero)
-            .arg(&zl)
-            .arg(&sk)
-            .arg(&mut out.part_o)
-            .arg(&mut out.part_ml)
-            .arg(&sl2)
-            .launch(cfg(
-                (out.nsplit as u32, h.hkv as u32, 1),
-                128,
-                smem_bytes(h.dim) as u32,
-            ))
-    }
-    .ctx("tca_decode (dense)")?;
-    out.combine(gpu, h)
+    let a = Segment {
+        k: h.k.slice(..),
+        v: h.v.slice(..),
+        count: SegCount::Fixed(h.len),
+        stride: h.len,
+    };
+    let q = h.q.slice((h.len - 1) * h.dim..);
+    run_segments(gpu, h, q, h.len * h.dim, &a, None, out)
 }

@@ -10,6 +10,7 @@
 //!
 //! bf16 tensors live on the device as `u16` bit patterns.
 
+pub mod audit;
 pub mod backend;
 pub mod decode;
 pub mod f32path;
@@ -46,6 +47,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("selection", include_str!("../../kernels/selection.cu")),
     ("decode", include_str!("../../kernels/decode.cu")),
     ("model", include_str!("../../kernels/model.cu")),
+    ("audit", include_str!("../../kernels/audit.cu")),
 ];
 
 /// Group sizes g = Hq / Hkv with compiled instantiations.

@@ -14,6 +14,7 @@ pub mod fig5;
 pub mod fig5_model;
 pub mod peers;
 pub mod plot;
+pub mod stats;
 pub mod sweep;
 pub mod table;
 

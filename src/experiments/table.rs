@@ -58,3 +58,67 @@ pub fn mean_by(df: DataFrame, keys: &[&str], values: &[&str]) -> PolarsResult<Da
     let aggs: Vec<Expr> = values.iter().map(|v| col(*v).mean()).collect();
     df.lazy().group_by_stable(by).agg(aggs).collect()
 }
+
+/// A table built row by row: columns of f64/str/u64 values, turned into a DataFrame
+/// at each write (a long run rewrites it after every row, leaving what it measured).
+#[derive(Default)]
+pub struct Table {
+    names: Vec<String>,
+    cols: Vec<Col>,
+}
+
+enum Col {
+    F(Vec<f64>),
+    S(Vec<String>),
+    U(Vec<u64>),
+}
+
+pub enum Val {
+    F(f64),
+    S(String),
+    U(u64),
+}
+
+impl Table {
+    pub fn push<S: AsRef<str>>(&mut self, row: Vec<(S, Val)>) -> Result<()> {
+        if self.names.is_empty() {
+            for (n, v) in &row {
+                self.names.push(n.as_ref().to_string());
+                self.cols.push(match v {
+                    Val::F(_) => Col::F(Vec::new()),
+                    Val::S(_) => Col::S(Vec::new()),
+                    Val::U(_) => Col::U(Vec::new()),
+                });
+            }
+        }
+        if row.len() != self.names.len() {
+            return Err(TcaError::Shape("table row of another width".into()));
+        }
+        for ((_, v), c) in row.into_iter().zip(&mut self.cols) {
+            match (v, c) {
+                (Val::F(x), Col::F(c)) => c.push(x),
+                (Val::S(x), Col::S(c)) => c.push(x),
+                (Val::U(x), Col::U(c)) => c.push(x),
+                _ => return Err(TcaError::Shape("table column of another type".into())),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, stem: &Path) -> Result<()> {
+        let cols: Vec<Column> = self
+            .names
+            .iter()
+            .zip(&self.cols)
+            .map(|(n, c)| match c {
+                Col::F(v) => Column::new(n.as_str().into(), v),
+                Col::S(v) => Column::new(n.as_str().into(), v),
+                Col::U(v) => Column::new(n.as_str().into(), v),
+            })
+            .collect();
+        let height = cols.first().map_or(0, |c| c.len());
+        let mut df = DataFrame::new(height, cols).map_err(pe(stem))?;
+        write(stem, &mut df)?;
+        Ok(())
+    }
+}

@@ -115,6 +115,27 @@ pub struct Model {
 }
 
 impl Model {
+    /// Replaces the model's RoPE scaling by `spec` (`none` or `KIND:FACTOR`, see
+    /// [`RopeScaling::parse`]) and sets the context it may run at to the trained
+    /// context times the factor. The trained context is the model's own (or, where the
+    /// model already carries a scaling, its original context).
+    pub fn rescale_rope(&mut self, spec: &str) -> Result<()> {
+        let c = &mut self.llama.config;
+        let trained = match c.rope_scaling {
+            RopeScaling::Yarn {
+                original_context, ..
+            }
+            | RopeScaling::Llama3 {
+                original_context, ..
+            } => original_context as usize,
+            _ => (c.context as f64 / c.rope_scaling.factor()).round() as usize,
+        };
+        let scaling = RopeScaling::parse(spec, trained).map_err(TcaError::Invalid)?;
+        c.context = (trained as f64 * scaling.factor()).round() as usize;
+        c.rope_scaling = scaling;
+        Ok(())
+    }
+
     /// Load a model: a llama GGUF file (weights F32/F16/Q8_0/Q4_1, tokenizer from its
     /// metadata), or a Hugging Face folder (see [`super::hf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {

@@ -36,6 +36,13 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// NTK-aware scaling (static): the base becomes `base * s^(d / (d - 2))`, so the
+    /// lowest frequency is divided by s and the highest kept. Hugging Face has no
+    /// `rope_type` for it (its equivalent is a larger `rope_theta`); this harness
+    /// writes and reads it as `ntk`.
+    Ntk {
+        factor: f64,
+    },
     Llama3 {
         factor: f64,
         low_freq_factor: f64,
@@ -88,6 +95,9 @@ impl RopeScaling {
             "linear" => RopeScaling::Linear {
                 factor: need("factor")?,
             },
+            "ntk" => RopeScaling::Ntk {
+                factor: need("factor")?,
+            },
             "llama3" => RopeScaling::Llama3 {
                 factor: need("factor")?,
                 low_freq_factor: need("low_freq_factor")?,
@@ -118,7 +128,7 @@ impl RopeScaling {
             }
             other => {
                 return Err(format!(
-                    "rope_scaling type {other:?} is not supported (none, linear, llama3, yarn)"
+                    "rope_scaling type {other:?} is not supported (none, linear, ntk, llama3, yarn)"
                 ))
             }
         };
@@ -126,11 +136,60 @@ impl RopeScaling {
         Ok(scaling)
     }
 
+    /// Parses `none` or `KIND:FACTOR` with KIND one of linear, ntk, yarn (YaRN with its
+    /// defaults: beta_fast 32, beta_slow 1, attention factor 0.1 ln s + 1), for a model
+    /// trained to `context` positions. Errors say what was expected.
+    pub fn parse(spec: &str, context: usize) -> Result<RopeScaling, String> {
+        let spec = spec.trim();
+        if spec == "none" {
+            return Ok(RopeScaling::None);
+        }
+        let (kind, factor) = spec.split_once(':').ok_or_else(|| {
+            format!("rope scaling {spec:?}: expected none or KIND:FACTOR (linear, ntk, yarn)")
+        })?;
+        let factor: f64 = factor
+            .trim()
+            .parse()
+            .map_err(|_| format!("rope scaling {spec:?}: factor {factor:?} is not a number"))?;
+        if !(factor.is_finite() && factor >= 1.0) {
+            return Err(format!("rope scaling {spec:?}: the factor must be >= 1"));
+        }
+        let s = match kind.trim() {
+            "linear" => RopeScaling::Linear { factor },
+            "ntk" => RopeScaling::Ntk { factor },
+            "yarn" => RopeScaling::Yarn {
+                factor,
+                original_context: context as f64,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: yarn_mscale(factor, 1.0),
+            },
+            other => {
+                return Err(format!(
+                    "rope scaling {other:?} is not offered here (none, linear, ntk, yarn)"
+                ))
+            }
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// How many times the trained context the scaling is meant to reach (1 for none).
+    pub fn factor(&self) -> f64 {
+        match *self {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor }
+            | RopeScaling::Ntk { factor }
+            | RopeScaling::Llama3 { factor, .. }
+            | RopeScaling::Yarn { factor, .. } => factor,
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         let ok = |x: f64| x.is_finite() && x > 0.0;
         let good = match *self {
             RopeScaling::None => true,
-            RopeScaling::Linear { factor } => ok(factor),
+            RopeScaling::Linear { factor } | RopeScaling::Ntk { factor } => ok(factor),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -170,6 +229,7 @@ impl RopeScaling {
         match *self {
             RopeScaling::None => Value::Null,
             RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Ntk { factor } => json!({"rope_type": "ntk", "factor": factor}),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -222,12 +282,17 @@ impl Rope {
     /// The `d/2` frequencies `f_i` (radians per position) after scaling.
     pub fn inv_freq(&self, d: usize) -> Vec<f64> {
         let half = d / 2;
-        let base = self.base;
+        let base = match self.scaling {
+            RopeScaling::Ntk { factor } if d > 2 => {
+                self.base * factor.powf(d as f64 / (d as f64 - 2.0))
+            }
+            _ => self.base,
+        };
         let plain: Vec<f64> = (0..half)
             .map(|i| base.powf(-2.0 * i as f64 / d as f64))
             .collect();
         match self.scaling {
-            RopeScaling::None => plain,
+            RopeScaling::None | RopeScaling::Ntk { .. } => plain,
             RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor).collect(),
             RopeScaling::Llama3 {
                 factor,
@@ -431,6 +496,49 @@ mod tests {
         });
         assert_eq!(y[0], plain[0]);
         assert!((y[31] - plain[31] / 4.0).abs() < 1e-18);
+        // NTK: the base grows by s^(d/(d-2)): the first frequency is kept, the last
+        // (exponent -(d-2)/d) is divided by s exactly.
+        let ntk = with(RopeScaling::Ntk { factor: 4.0 });
+        assert_eq!(ntk[0], plain[0]);
+        assert!((ntk[31] / (plain[31] / 4.0) - 1.0).abs() < 1e-12);
+        assert!(ntk
+            .iter()
+            .zip(&plain)
+            .all(|(a, p)| *a <= *p && *a >= p / 4.0 * 0.999));
+    }
+
+    #[test]
+    fn the_rope_flag_parses() {
+        assert_eq!(RopeScaling::parse("none", 8192).unwrap(), RopeScaling::None);
+        assert_eq!(
+            RopeScaling::parse("linear:2", 8192).unwrap(),
+            RopeScaling::Linear { factor: 2.0 }
+        );
+        assert_eq!(
+            RopeScaling::parse(" ntk:8 ", 8192).unwrap(),
+            RopeScaling::Ntk { factor: 8.0 }
+        );
+        let y = RopeScaling::parse("yarn:16", 8192).unwrap();
+        assert_eq!(y.factor(), 16.0);
+        assert!(
+            matches!(y, RopeScaling::Yarn { original_context, .. } if original_context == 8192.0)
+        );
+        assert_eq!(RopeScaling::from_hf(Some(&y.to_hf()), 1).unwrap(), y);
+        let n = RopeScaling::Ntk { factor: 3.0 };
+        assert_eq!(RopeScaling::from_hf(Some(&n.to_hf()), 1).unwrap(), n);
+        for bad in [
+            "yarn",
+            "yarn:",
+            "yarn:x",
+            "yarn:0.5",
+            "yarn:inf",
+            "dynamic:2",
+            "llama3:8",
+            "",
+        ] {
+            let e = RopeScaling::parse(bad, 8192).unwrap_err();
+            assert!(e.contains("rope scaling"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -71,7 +71,9 @@ pub fn score(
             profile: p,
         },
     };
-    let (score, stats) = gpu.score(tokens, attn, from, false).map_err(gpu_err)?;
+    let (score, stats) = gpu
+        .score(tokens, attn, from, false, None)
+        .map_err(gpu_err)?;
     let forward_s = t2.elapsed().as_secs_f64();
     let keep_fraction = if stats.keep.is_empty() {
         1.0

@@ -26,12 +26,13 @@ use super::super::prefill::{self, DevAttention};
 use super::super::selection::{download_selection, run_select, DevSelection, HostSelection};
 use super::super::{backend::select_params, bf16_to_f32, Ctx, DevHeads, Gpu, GpuError, GpuResult};
 use super::super::{DIMS, GROUPS};
+use super::audit::LayerAuditor;
 use super::gemm::Blas;
-use super::glue;
+use super::glue::{self, KvRows};
 use super::weights::DevWeights;
 use crate::calibration::Profile;
 use crate::config::Config;
-use crate::model::llama::{rope_tables, Capture, Llama, LlamaConfig, QkvHook, Score};
+use crate::model::llama::{Capture, Llama, LlamaConfig, QkvHook, Score};
 use crate::selection::{select, window_start};
 
 /// Target rows per logits chunk (`[CHUNK, vocab]` f32 on the device).
@@ -83,40 +84,49 @@ pub fn keep_fraction(global: &[Vec<usize>], window: usize, len: usize) -> f64 {
 }
 
 /// Called after a layer's attention (the stream synchronised) with the layer, its Q, K,
-/// V and TCA's selection, if any.
-type Inspect<'a> = &'a mut dyn FnMut(usize, &DevHeads, Option<&DevSelection>) -> GpuResult<()>;
+/// V, TCA's selection (if any) and the attention output.
+pub(super) type Inspect<'a> =
+    &'a mut dyn FnMut(usize, &DevHeads, Option<&DevSelection>, &DevAttention) -> GpuResult<()>;
+
+/// A layer's K and V of every position so far, `[Hkv, cap, d]` (bf16): the full decoding
+/// cache (and the shadow of the compacted one).
+pub struct LayerKv {
+    pub k: CudaSlice<u16>,
+    pub v: CudaSlice<u16>,
+    pub cap: usize,
+}
 
 /// Device buffers of one forward over L tokens.
-struct Work {
-    l: usize,
-    tokens: CudaSlice<u32>,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+pub(super) struct Work {
+    pub(super) l: usize,
+    pub(super) tokens: CudaSlice<u32>,
+    pub(super) cos: CudaSlice<f32>,
+    pub(super) sin: CudaSlice<f32>,
     /// Residual stream `[L, hidden]`.
-    x: CudaSlice<f32>,
+    pub(super) x: CudaSlice<f32>,
     /// Normed x `[L, hidden]` (f16).
-    xn: CudaSlice<u16>,
+    pub(super) xn: CudaSlice<u16>,
     /// `[L, (Hq + 2 Hkv) d]`
-    qkv: CudaSlice<f32>,
-    heads: DevHeads,
-    att: DevAttention,
+    pub(super) qkv: CudaSlice<f32>,
+    pub(super) heads: DevHeads,
+    pub(super) att: DevAttention,
     /// Attention output `[L, Hq d]` (f16).
-    merged: CudaSlice<u16>,
+    pub(super) merged: CudaSlice<u16>,
     /// gate|up `[L, 2 F]`
-    gu: CudaSlice<f32>,
+    pub(super) gu: CudaSlice<f32>,
     /// silu(gate) * up `[L, F]` (f16).
-    act: CudaSlice<u16>,
+    pub(super) act: CudaSlice<u16>,
     /// Non-finite values of x after each layer.
-    bad: CudaSlice<u32>,
+    pub(super) bad: CudaSlice<u32>,
     /// Per layer, TCA's selection buffers (`None`: dense attention at this layer).
-    sels: Vec<Option<DevSelection>>,
+    pub(super) sels: Vec<Option<DevSelection>>,
 }
 
 /// The model on one GPU: weights (f16) and a cuBLAS handle.
 pub struct GpuModel {
     pub gpu: Gpu,
-    blas: Blas,
-    weights: DevWeights,
+    pub(super) blas: Blas,
+    pub(super) weights: DevWeights,
 }
 
 fn tca_err(e: crate::TcaError) -> GpuError {
@@ -145,15 +155,27 @@ impl GpuModel {
         &self.weights.config
     }
 
-    /// Buffers for a forward over `tokens`; past the model's context only when
-    /// `beyond_context` (timing: RoPE extrapolates, the arithmetic is the same).
-    fn work(&self, tokens: &[u32], attn: GpuAttn, beyond_context: bool) -> GpuResult<Work> {
+    /// Buffers for a forward over `tokens`, with RoPE tables for `tokens.len() + extra`
+    /// positions; past the model's context only when `beyond_context` (timing: RoPE
+    /// extrapolates, the arithmetic is the same).
+    pub(super) fn work(
+        &self,
+        tokens: &[u32],
+        attn: GpuAttn,
+        beyond_context: bool,
+        extra: usize,
+    ) -> GpuResult<Work> {
         let c = self.config();
         let (l, hid, d, hq, hkv) = (tokens.len(), c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
-        if l == 0 || (l > c.context && !beyond_context) {
+        if l == 0 || (l + extra > c.context && !beyond_context) {
             return Err(GpuError::Invalid(format!(
-                "{l} tokens: need 1 ..= {} (the model's context)",
-                c.context
+                "{l} tokens and {extra} more positions: need 1 ..= {} in all (the model's context{})",
+                c.context,
+                if c.rope_scaling == crate::model::rope::RopeScaling::None {
+                    "; --rope-scaling reaches further"
+                } else {
+                    ""
+                }
             )));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
@@ -163,7 +185,7 @@ impl GpuModel {
             )));
         }
         let g = &self.gpu;
-        let (cos, sin) = rope_tables(0, l, d, c.rope_base);
+        let (cos, sin) = c.rope().tables(0, l + extra, d);
         let sels = match attn {
             GpuAttn::Exact => (0..c.n_layers).map(|_| None).collect(),
             GpuAttn::Tca { config, profile } => {
@@ -237,7 +259,14 @@ impl GpuModel {
 
     /// Queues layers `0 ..= last` on the stream. With `inspect`, after each layer's Q,
     /// K, V (and TCA's selection) the stream is synchronised and `inspect` gets them.
-    fn layers(&self, w: &mut Work, last: usize, mut inspect: Option<Inspect<'_>>) -> GpuResult<()> {
+    /// With `caches`, each layer's K and V are also copied into rows 0..L of its cache.
+    pub(super) fn layers(
+        &self,
+        w: &mut Work,
+        last: usize,
+        mut inspect: Option<Inspect<'_>>,
+        mut caches: Option<&mut [LayerKv]>,
+    ) -> GpuResult<()> {
         let c = self.config().clone();
         let g = &self.gpu;
         let (l, hid, d, hq, hkv, ffn) = (w.l, c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
@@ -267,7 +296,23 @@ impl GpuModel {
                 &mut w.heads.k,
                 &mut w.heads.v,
                 (hq, hkv, l, d),
+                KvRows { rows: l, p0: 0 },
             )?;
+            if let Some(c) = caches.as_deref_mut() {
+                let c = &mut c[li];
+                for kv in 0..hkv {
+                    let (src, dst) = (kv * l * d..(kv + 1) * l * d, kv * c.cap * d..);
+                    g.stream
+                        .memcpy_dtod(
+                            &w.heads.k.slice(src.clone()),
+                            &mut c.k.slice_mut(dst.clone()),
+                        )
+                        .ctx("copy K into the cache")?;
+                    g.stream
+                        .memcpy_dtod(&w.heads.v.slice(src), &mut c.v.slice_mut(dst))
+                        .ctx("copy V into the cache")?;
+                }
+            }
             w.att.poison(g)?;
             match w.sels[li].as_mut() {
                 None => prefill::run_dense(g, &w.heads, &mut w.att)?,
@@ -278,30 +323,53 @@ impl GpuModel {
             }
             if let Some(f) = inspect.as_deref_mut() {
                 g.sync()?;
-                f(li, &w.heads, w.sels[li].as_ref())?;
+                f(li, &w.heads, w.sels[li].as_ref(), &w.att)?;
             }
             glue::merge_heads(g, &w.att.o, &mut w.merged, (hq, l, d))?;
-            self.blas
-                .linear(&w.merged, &lw.wo, &mut w.x, (l, hid, hq * d), 1.0, "O")?;
-            glue::rmsnorm(g, &w.x, &lw.ffn_norm, &mut w.xn, (l, hid), c.rms_eps)?;
-            self.blas.linear(
-                &w.xn,
-                &lw.w_gate_up,
-                &mut w.gu,
-                (l, 2 * ffn, hid),
-                0.0,
-                "gate|up",
+            self.after_attention(
+                li,
+                l,
+                &mut w.x,
+                &w.merged,
+                (&mut w.xn, &mut w.gu, &mut w.act),
             )?;
-            glue::silu_mul(g, &w.gu, &mut w.act, (l, ffn))?;
-            self.blas
-                .linear(&w.act, &lw.w_down, &mut w.x, (l, hid, ffn), 1.0, "down")?;
             glue::count_nonfinite(g, &w.x, l * hid, &mut w.bad, li)?;
         }
+        let _ = ffn;
         Ok(())
     }
 
+    /// The rest of layer `li` over `rows` rows once its attention output `merged`
+    /// `[rows, Hq d]` (f16) is there: `x += Wo merged`, then the MLP block
+    /// `x += Wdown (silu(Wgate n(x)) ⊙ Wup n(x))` (scratch: normed x, gate|up, product).
+    pub(super) fn after_attention(
+        &self,
+        li: usize,
+        rows: usize,
+        x: &mut CudaSlice<f32>,
+        merged: &CudaSlice<u16>,
+        (xn, gu, act): (
+            &mut CudaSlice<u16>,
+            &mut CudaSlice<f32>,
+            &mut CudaSlice<u16>,
+        ),
+    ) -> GpuResult<()> {
+        let c = self.config();
+        let (hid, d, hq, ffn) = (c.hidden, c.head_dim, c.n_heads, c.ffn);
+        let lw = &self.weights.layers[li];
+        let g = &self.gpu;
+        self.blas
+            .linear(merged, &lw.wo, x, (rows, hid, hq * d), 1.0, "O")?;
+        glue::rmsnorm(g, x, &lw.ffn_norm, xn, (rows, hid), c.rms_eps)?;
+        self.blas
+            .linear(xn, &lw.w_gate_up, gu, (rows, 2 * ffn, hid), 0.0, "gate|up")?;
+        glue::silu_mul(g, gu, act, (rows, ffn))?;
+        self.blas
+            .linear(act, &lw.w_down, x, (rows, hid, ffn), 1.0, "down")
+    }
+
     /// Fails naming the first layer whose residual stream held a non-finite value.
-    fn check_finite(&self, w: &Work) -> GpuResult<()> {
+    pub(super) fn check_finite(&self, w: &Work) -> GpuResult<()> {
         let bad = self.gpu.download(&w.bad)?;
         match bad.iter().position(|&n| n > 0) {
             Some(li) => Err(GpuError::Invalid(format!(
@@ -317,12 +385,14 @@ impl GpuModel {
     /// `t = max(first_target, 1) .. L` (as [`Llama::score`]). With `check_selection`
     /// (TCA), each layer's GPU S_G is compared with the f64 oracle's selection on the
     /// same bf16 Q, K, V.
+    /// With `auditor` (TCA), every layer is audited ([`LayerAuditor`]).
     pub fn score(
         &self,
         tokens: &[u32],
         attn: GpuAttn,
         first_target: usize,
         check_selection: bool,
+        mut auditor: Option<&mut LayerAuditor>,
     ) -> GpuResult<(Score, ForwardStats)> {
         let first = first_target.max(1);
         if first >= tokens.len() {
@@ -333,47 +403,53 @@ impl GpuModel {
         }
         let c = self.config().clone();
         let g = &self.gpu;
-        let mut w = self.work(tokens, attn, false)?;
+        let mut w = self.work(tokens, attn, false, 0)?;
         let mut stats = ForwardStats::default();
         let tca_cfg = match attn {
             GpuAttn::Tca { config, profile } => Some((config, profile)),
             GpuAttn::Exact => None,
         };
         {
-            let mut inspect =
-                |li: usize, h: &DevHeads, sel: Option<&DevSelection>| -> GpuResult<()> {
-                    let (Some(sel), Some((cfg, profile))) = (sel, tca_cfg) else {
-                        return Ok(());
-                    };
-                    let hs: HostSelection = download_selection(g, h, sel)?;
-                    let oracle_diff = if check_selection {
-                        let heads = download_heads(g, h)?.to_heads().map_err(tca_err)?;
-                        let budgets = profile.budgets(li).map_err(tca_err)?;
-                        let cpu = select(&heads, cfg, &budgets).map_err(tca_err)?;
-                        Some(
-                            cpu.heads
-                                .iter()
-                                .zip(&hs.global)
-                                .map(|(a, b)| crate::backend::symmetric_difference(&a.global, b))
-                                .collect(),
-                        )
-                    } else {
-                        None
-                    };
-                    stats.keep.push(LayerKeep {
-                        layer: li,
-                        keep_fraction: keep_fraction(&hs.global, cfg.window, h.len),
-                        global: hs.global,
-                        oracle_diff,
-                    });
-                    Ok(())
+            let mut inspect = |li: usize,
+                               h: &DevHeads,
+                               sel: Option<&DevSelection>,
+                               att: &DevAttention|
+             -> GpuResult<()> {
+                let (Some(sel), Some((cfg, profile))) = (sel, tca_cfg) else {
+                    return Ok(());
                 };
+                let hs: HostSelection = download_selection(g, h, sel)?;
+                if let Some(a) = auditor.as_deref_mut() {
+                    a.layer(g, li, h, &hs, cfg.window, att)?;
+                }
+                let oracle_diff = if check_selection {
+                    let heads = download_heads(g, h)?.to_heads().map_err(tca_err)?;
+                    let budgets = profile.budgets(li).map_err(tca_err)?;
+                    let cpu = select(&heads, cfg, &budgets).map_err(tca_err)?;
+                    Some(
+                        cpu.heads
+                            .iter()
+                            .zip(&hs.global)
+                            .map(|(a, b)| crate::backend::symmetric_difference(&a.global, b))
+                            .collect(),
+                    )
+                } else {
+                    None
+                };
+                stats.keep.push(LayerKeep {
+                    layer: li,
+                    keep_fraction: keep_fraction(&hs.global, cfg.window, h.len),
+                    global: hs.global,
+                    oracle_diff,
+                });
+                Ok(())
+            };
             let inspect: Option<Inspect<'_>> = if tca_cfg.is_some() {
                 Some(&mut inspect)
             } else {
                 None
             };
-            self.layers(&mut w, c.n_layers - 1, inspect)?;
+            self.layers(&mut w, c.n_layers - 1, inspect, None)?;
         }
         // Final norm, then the head and the per-row NLL chunk by chunk.
         glue::rmsnorm(
@@ -456,18 +532,21 @@ impl GpuModel {
             )));
         }
         let g = &self.gpu;
-        let mut w = self.work(tokens, GpuAttn::Exact, false)?;
+        let mut w = self.work(tokens, GpuAttn::Exact, false, 0)?;
         {
-            let mut inspect =
-                |li: usize, h: &DevHeads, _: Option<&DevSelection>| -> GpuResult<()> {
-                    if cap.layers().binary_search(&li).is_ok() {
-                        let q = download_heads(g, h)?;
-                        cap.record(li, q.q.view(), q.k.view(), q.v.view())
-                            .map_err(tca_err)?;
-                    }
-                    Ok(())
-                };
-            self.layers(&mut w, last, Some(&mut inspect))?;
+            let mut inspect = |li: usize,
+                               h: &DevHeads,
+                               _: Option<&DevSelection>,
+                               _: &DevAttention|
+             -> GpuResult<()> {
+                if cap.layers().binary_search(&li).is_ok() {
+                    let q = download_heads(g, h)?;
+                    cap.record(li, q.q.view(), q.k.view(), q.v.view())
+                        .map_err(tca_err)?;
+                }
+                Ok(())
+            };
+            self.layers(&mut w, last, Some(&mut inspect), None)?;
         }
         g.sync()?;
         // Layers before `last` are complete; `last` stopped after its attention input.
@@ -498,7 +577,7 @@ impl GpuModel {
     pub fn time_prefill(&self, tokens: &[u32], attn: GpuAttn, iters: usize) -> GpuResult<Vec<f64>> {
         let c = self.config().clone();
         let g = &self.gpu;
-        let mut w = self.work(tokens, attn, true)?;
+        let mut w = self.work(tokens, attn, true, 0)?;
         let ev = |_| {
             g.ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -510,7 +589,7 @@ impl GpuModel {
             // The spin lets the host queue the whole forward before the start event.
             g.spin(5000)?;
             e0.record(&g.stream).ctx("cuEventRecord")?;
-            self.layers(&mut w, c.n_layers - 1, None)?;
+            self.layers(&mut w, c.n_layers - 1, None, None)?;
             glue::rmsnorm(
                 g,
                 &w.x,
@@ -531,7 +610,7 @@ impl GpuModel {
 }
 
 /// Q, K, V of a layer on the host (bf16 values as f32).
-fn download_heads(g: &Gpu, h: &DevHeads) -> GpuResult<crate::model::llama::Qkv> {
+pub(super) fn download_heads(g: &Gpu, h: &DevHeads) -> GpuResult<crate::model::llama::Qkv> {
     let f = |x: &CudaSlice<u16>, heads: usize| -> GpuResult<Array3<f32>> {
         let v: Vec<f32> = g
             .download(x)?

@@ -83,8 +83,17 @@ pub fn rmsnorm(
 /// The heads of one layer on the device: (Hq, Hkv, L, d).
 pub type HeadShape = (usize, usize, usize, usize);
 
-/// Fused Q|K|V projections `[L, (Hq + 2 Hkv) d]` (f32) to RoPE'd Q `[Hq, L, d]`, K and V
-/// `[Hkv, L, d]` (bf16); `cos`, `sin` are `[L, d/2]`.
+/// Where [`rope_split`] writes K and V: rows `p0 .. p0 + L` of `[Hkv, rows, d]` buffers
+/// (`rows = L, p0 = 0` in a prefill; a cache of `rows` positions in a decode step).
+#[derive(Clone, Copy, Debug)]
+pub struct KvRows {
+    pub rows: usize,
+    pub p0: usize,
+}
+
+/// Fused Q|K|V projections `[L, (Hq + 2 Hkv) d]` (f32) of positions `p0 .. p0 + L` to
+/// RoPE'd Q `[Hq, L, d]` and rows `p0 ..` of K, V `[Hkv, rows, d]` (bf16); `cos`, `sin`
+/// are `[positions, d/2]` tables from position 0.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_split(
     gpu: &Gpu,
@@ -95,19 +104,24 @@ pub fn rope_split(
     k: &mut CudaSlice<u16>,
     v: &mut CudaSlice<u16>,
     (hq, hkv, l, d): HeadShape,
+    at: KvRows,
 ) -> GpuResult<()> {
+    let end = at.p0 + l;
     check(
         qkv.len() >= l * (hq + 2 * hkv) * d
-            && cos.len() >= l * d / 2
-            && sin.len() >= l * d / 2
+            && end <= at.rows
+            && cos.len() >= end * d / 2
+            && sin.len() >= end * d / 2
             && q.len() >= hq * l * d
-            && k.len() >= hkv * l * d
-            && v.len() >= hkv * l * d
-            && d % 2 == 0,
+            && k.len() >= hkv * at.rows * d
+            && v.len() >= hkv * at.rows * d
+            && d % 2 == 0
+            && at.rows <= i32::MAX as usize,
         "tca_rope_split",
     )?;
     let f = gpu.func("tca_rope_split")?;
     let (li, hqi, hkvi, di) = (l as i32, hq as i32, hkv as i32, d as i32);
+    let (si, pi) = (at.rows as i32, at.p0 as i32);
     unsafe {
         gpu.stream
             .launch_builder(&f)
@@ -121,9 +135,36 @@ pub fn rope_split(
             .arg(&hqi)
             .arg(&hkvi)
             .arg(&di)
+            .arg(&si)
+            .arg(&pi)
             .launch(cfg((rows_u32(l, "tca_rope_split")?, 1, 1), THREADS, 0))
     }
     .ctx("tca_rope_split")?;
+    Ok(())
+}
+
+/// y = f16(bf16(x)) elementwise (a decode step's attention output `[Hq d]`).
+pub fn to_f16(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> GpuResult<()> {
+    let n = x.len();
+    check(
+        y.len() >= n && n > 0 && n <= i32::MAX as usize,
+        "tca_to_f16",
+    )?;
+    let f = gpu.func("tca_to_f16")?;
+    let ni = n as i32;
+    unsafe {
+        gpu.stream
+            .launch_builder(&f)
+            .arg(x)
+            .arg(y)
+            .arg(&ni)
+            .launch(cfg(
+                (n.div_ceil(THREADS as usize).min(1024) as u32, 1, 1),
+                THREADS,
+                0,
+            ))
+    }
+    .ctx("tca_to_f16")?;
     Ok(())
 }
 

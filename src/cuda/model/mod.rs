@@ -4,10 +4,13 @@
 //! project's attention kernels, dense or TCA ([`forward`]). [`cli`] runs it for
 //! `tca perplexity --backend cuda` and `tca capture --backend cuda`.
 
+pub mod audit;
 pub mod cli;
 pub mod forward;
 pub mod gemm;
+pub mod generate;
 pub mod glue;
+pub mod timing;
 pub mod weights;
 
 pub use forward::{keep_fraction, ForwardStats, GpuAttn, GpuModel, LayerKeep};

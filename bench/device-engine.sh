@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU as the harness's engine (SmolLM2-135M on the H200), one phase per device call.
+# Inputs as bench/device-model.sh: bench/device-model-prep.sh's pieces carried in three
+# calls (`stage` with .devrun/m1, `stage` with .devrun/m2, then any phase with
+# .devrun/m3); the machine keeps them while it stays warm. Profiles: docs/quality/profiles.
+# Phases (each writes $OUT/<phase>.tgz with its tables and log, and $OUT/<phase>.log):
+#   checks            tca-gpu-model at 2K (GPU vs CPU: forward, TCA, generation, audit,
+#                     device diameters, RoPE yarn:2), prefill/decode throughput at 2K/8K,
+#                     CLI smoke runs, compute-sanitizer memcheck of the new paths
+#   niah TASK LENS ROPE SEEDS TAUS   tca quality-niah --backend cuda (20 depths)
+#   ppl               tca quality-ppl --backend cuda, 2K-8K native, 16K yarn:2, 32K yarn:4
+#   audit             tca quality-heads --backend cuda at 32K (yarn:4), 64K (yarn:8),
+#                     128K (yarn:16): every layer audited, eviction regret
+#   speed             per-layer attention on real heads at 32K-128K (tca-gpu-model
+#                     --layer-timing, yarn:16), whole-model prefill/decode throughput,
+#                     PyTorch SDPA (cuDNN, flash) on the captured real Q/K/V
+set -u -o pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+STAGE=${STAGE:-/var/tmp/tca-model}
+OUT=${OUT:-/tmp/tca-out}
+mkdir -p "$STAGE" "$OUT"
+for d in "$HERE"/.devrun/m1 "$HERE"/.devrun/m2 "$HERE"/.devrun/m3 "$HERE"/.devrun/bin; do
+  [ -d "$d" ] && cp -r "$d"/* "$STAGE"/
+done
+PHASE=${1:-checks}
+if [ "$PHASE" = stage ]; then ls -la "$STAGE"; exit 0; fi
+GGUF=$STAGE/model.gguf
+if [ ! -f "$GGUF" ]; then
+  for p in 0 1 2; do
+    [ -f "$STAGE/gguf.part$p" ] || { echo "missing $STAGE/gguf.part$p: stage again"; exit 3; }
+  done
+  cat "$STAGE"/gguf.part0 "$STAGE"/gguf.part1 "$STAGE"/gguf.part2 > "$GGUF"
+fi
+[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat "$STAGE/gguf.sha256")" ] || { echo "GGUF checksum mismatch"; rm -f "$GGUF"; exit 3; }
+for b in tca tca-gpu-model; do
+  if [ -f "$STAGE/$b.xz" ] && [ "$STAGE/$b.xz" -nt "$STAGE/$b" -o ! -x "$STAGE/$b" ]; then
+    xz -dkf "$STAGE/$b.xz" && chmod +x "$STAGE/$b" && touch "$STAGE/$b"
+  fi
+  [ -x "$STAGE/$b" ] || { echo "no $b"; exit 3; }
+done
+TCA=$STAGE/tca
+export TCA_CUDA_INCLUDE=/usr/local/cuda/include
+for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export TCA_CACHE=$STAGE
+P=$HERE/docs/quality/profiles
+PROFILES=$P/tau0.5.json,$P/tau0.7.json,$P/tau0.8.json,$P/tau0.9.json,$P/tau0.95.json
+W=/tmp/work/$PHASE
+rm -rf "$W"; mkdir -p "$W"
+DEPTHS=$(seq -s, 0 5 95)   # 20 depths
+t0=$(date +%s)
+{
+date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+case "$PHASE" in
+checks)
+  timeout 300 "$STAGE/tca-gpu-model" --model "$GGUF" --tokens 2048 --profile "$P/tau0.9.json" \
+    --lens 2048,8192 --iters 5 --out "$W"; echo "tca-gpu-model rc=$?"
+  timeout 60 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 50 \
+    --attention exact,tca --taus 0.9 --profile "$P/tau0.9.json" --out "$W/smoke" --force | tail -4
+  echo "niah smoke rc=$?"
+  timeout 90 "$TCA" quality-heads --backend cuda --model "$GGUF" --tokens 8192 \
+    --profile "$P/tau0.9.json" --out "$W/smoke" --force | tail -4; echo "heads smoke rc=$?"
+  if command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck: quality-heads --backend cuda (audit + compact decode), quality-niah (exact + tca, both decodes) =="
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
+      "$TCA" quality-heads --backend cuda --model "$GGUF" --tokens 700 --decode-tokens 8 \
+      --profile "$P/tau0.9.json" --out "$W/san" --force 2>&1 | grep -v "^\s*$" | tail -4
+    echo "memcheck quality-heads rc=$?"
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
+      "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 --depths 50 \
+      --attention exact,tca --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
+      --out "$W/san" --force 2>&1 | grep -v "^\s*$" | tail -4
+    echo "memcheck quality-niah rc=$?"
+  fi
+  ;;
+niah)
+  TASK=$2; LENS=$3; ROPE=$4; SEEDS=${5:-1,2,3}; TAUS=${6:-0.5,0.7,0.8,0.9,0.95}
+  timeout 560 "$TCA" quality-niah --backend cuda --model "$GGUF" --tasks "$TASK" --lengths "$LENS" \
+    --depths "$DEPTHS" --seeds "$SEEDS" --attention exact,tca --taus "$TAUS" \
+    --rope-scaling "$ROPE" --profile "$PROFILES" --out "$W" --force | grep -v "^niah \|^mk_niah "
+  echo "quality-niah rc=$?"
+  ;;
+ppl)
+  for spec in "2048,4096,8192 none" "16384 yarn:2" "32768 yarn:4"; do
+    set -- $spec
+    timeout 200 "$TCA" quality-ppl --backend cuda --model "$GGUF" --lengths "$1" \
+      --taus 0.5,0.7,0.8,0.9,0.95 --rope-scaling "$2" --profile "$PROFILES" \
+      --out "$W/ppl_${2//:/}" --force; echo "quality-ppl $1 $2 rc=$?"
+  done
+  ;;
+audit)
+  # Arguments: LEN:ROPE pairs (default 32768:yarn:4 65536:yarn:8 131072:yarn:16).
+  shift
+  for spec in ${@:-32768:yarn:4 65536:yarn:8 131072:yarn:16}; do
+    len=${spec%%:*}; rope=${spec#*:}
+    timeout 400 "$TCA" quality-heads --backend cuda --model "$GGUF" --tokens "$len" \
+      --rope-scaling "$rope" --profile "$P/tau0.9.json" --decode-tokens 32 --oracle-rows 2048 \
+      --out "$W" --force; echo "quality-heads $len $rope rc=$?"
+  done
+  ;;
+speed)
+  timeout 300 "$STAGE/tca-gpu-model" --model "$GGUF" --skip-check --rope-scaling yarn:16 \
+    --profile "$P/tau0.9.json" --lens 8192,32768,65536,131072 \
+    --layer-timing 32768,65536,131072 --iters 5 --out "$W"; echo "tca-gpu-model rc=$?"
+  for spec in "32768 yarn:4" "131072 yarn:16"; do
+    set -- $spec
+    timeout 60 "$TCA" capture --backend cuda --model "$GGUF" --tokens "$1" --rope-scaling "$2" \
+      --layers 13 --out /tmp/cap$1.safetensors --force | tail -1
+    PYTHONUNBUFFERED=1 timeout 90 /opt/torch/.venv/bin/python "$HERE/bench/sdpa_real.py" \
+      --capture /tmp/cap$1.safetensors --out "$W/sdpa_real.csv" --iters 5; echo "sdpa_real $1 rc=$?"
+    rm -f /tmp/cap$1.safetensors
+  done
+  ;;
+*) echo "unknown phase $PHASE"; exit 2;;
+esac
+echo "phase $PHASE: $(( $(date +%s) - t0 )) s"
+} 2>&1 | tee "$W/log.txt" | tail -c 9000
+tar czf "$OUT/$PHASE.tgz" -C /tmp/work "$PHASE"
+cp "$W/log.txt" "$OUT/$PHASE.log"
