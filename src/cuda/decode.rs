@@ -3,7 +3,7 @@
 //! Split over KV; each KV head's rows are read once for its g query heads.
 
 use super::selection::DevSelection;
-use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
+use super::{cfg, shape, Ctx, DevHeads, Gpu, GpuResult};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 /// Rows a CTA streams per step (4 warps x 16 rows, NW * ROWS in kernels/decode.cu).
@@ -18,11 +18,25 @@ pub fn smem_bytes(d: usize) -> usize {
     4 * NSD * 2 * 16 * d * 2
 }
 
-fn kernel(gpu: &Gpu, h: &DevHeads) -> GpuResult<cudarc::driver::CudaFunction> {
-    gpu.func_smem(
-        &format!("tca_decode_d{}_g{}", h.dim, h.group()),
-        smem_bytes(h.dim),
-    )
+/// The decode kernel for `h`'s shape (C query heads per CTA) and its launch
+/// configuration: grid (splits, Hkv, ceil(g / C)), 128 threads, [`smem_bytes`] of dynamic
+/// shared memory. The kernel's arguments are those of [`run_dense`]'s launch followed by
+/// g (i32); a grid with fewer than ceil(g / C) in z leaves heads with NaN outputs.
+pub fn kernel_and_config(
+    gpu: &Gpu,
+    h: &DevHeads,
+    nsplit: usize,
+) -> GpuResult<(cudarc::driver::CudaFunction, cudarc::driver::LaunchConfig)> {
+    let (name, c) = shape::decode_kernel(h.dim, h.group())?;
+    let f = gpu.func_smem(&name, smem_bytes(h.dim))?;
+    Ok((
+        f,
+        cfg(
+            (nsplit as u32, h.hkv as u32, c.chunks as u32),
+            128,
+            smem_bytes(h.dim) as u32,
+        ),
+    ))
 }
 
 /// Decode outputs and partials on the device.
@@ -51,7 +65,9 @@ impl DevDecode {
     pub fn for_lengths(gpu: &Gpu, h: &DevHeads, lens: &[usize]) -> GpuResult<Self> {
         let total: usize = lens.iter().sum();
         let max_keys = lens.iter().copied().max().unwrap_or(1);
-        let per = total.div_ceil(TARGET_CTAS).max(1);
+        // CTAs per split: one per KV head and chunk of the group (grid.z).
+        let chunks = shape::HeadChunks::for_group(h.group())?.chunks;
+        let per = (total * chunks).div_ceil(TARGET_CTAS).max(1);
         let sk = per.div_ceil(STEP) * STEP;
         let nsplit = max_keys.div_ceil(sk).max(1);
         Ok(DevDecode {
@@ -95,7 +111,8 @@ pub fn run_sparse(
     sel: &DevSelection,
     out: &mut DevDecode,
 ) -> GpuResult<()> {
-    let f = kernel(gpu, h)?;
+    let (f, lc) = kernel_and_config(gpu, h, out.nsplit)?;
+    let g = h.group() as i32;
     let qd = h.q.slice((h.len - 1) * h.dim..);
     let qs = (h.len * h.dim) as i64;
     let (zero, sa, nb, sb) = (0i32, sel.gcap as i64, sel.window as i32, sel.wcap as i64);
@@ -119,11 +136,8 @@ pub fn run_sparse(
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg(
-                (out.nsplit as u32, h.hkv as u32, 1),
-                128,
-                smem_bytes(h.dim) as u32,
-            ))
+            .arg(&g)
+            .launch(lc)
     }
     .ctx("tca_decode (sparse)")?;
     out.combine(gpu, h)
@@ -131,7 +145,8 @@ pub fn run_sparse(
 
 /// Dense decode over all L keys of K, V.
 pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> {
-    let f = kernel(gpu, h)?;
+    let (f, lc) = kernel_and_config(gpu, h, out.nsplit)?;
+    let g = h.group() as i32;
     let qd = h.q.slice((h.len - 1) * h.dim..);
     let qs = (h.len * h.dim) as i64;
     let (null, na, sa, zero, zl) = (0u64, h.len as i32, h.len as i64, 0i32, 0i64);
@@ -160,11 +175,8 @@ pub fn run_dense(gpu: &Gpu, h: &DevHeads, out: &mut DevDecode) -> GpuResult<()> 
             .arg(&mut out.part_o)
             .arg(&mut out.part_ml)
             .arg(&sl2)
-            .launch(cfg(
-                (out.nsplit as u32, h.hkv as u32, 1),
-                128,
-                smem_bytes(h.dim) as u32,
-            ))
+            .arg(&g)
+            .launch(lc)
     }
     .ctx("tca_decode (dense)")?;
     out.combine(gpu, h)

@@ -16,6 +16,7 @@ pub mod f32path;
 pub mod model;
 pub mod prefill;
 pub mod selection;
+pub mod shape;
 pub mod synth;
 
 pub use backend::{GpuAttention, GpuBackend, GpuSelectionResult};
@@ -48,10 +49,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("model", include_str!("../../kernels/model.cu")),
 ];
 
-/// Group sizes g = Hq / Hkv with compiled instantiations.
-pub const GROUPS: &[usize] = &[1, 2, 3, 4, 8];
-/// Head dimensions with compiled instantiations.
-pub const DIMS: &[usize] = &[64, 128];
+pub use shape::{DIMS, GROUPS};
 
 /// Errors of the GPU path; every CUDA call is checked and reported with its context.
 #[derive(Debug, thiserror::Error)]
@@ -358,11 +356,7 @@ impl DevHeads {
                 "Q/K/V sizes do not match the shape".into(),
             ));
         }
-        if !DIMS.contains(&dim) || hq % hkv != 0 || !GROUPS.contains(&(hq / hkv)) {
-            return Err(GpuError::Invalid(format!(
-                "unsupported shape: d = {dim} (have {DIMS:?}), g = Hq / Hkv = {hq}/{hkv} (have {GROUPS:?})"
-            )));
-        }
+        shape::check(dim, hq, hkv)?;
         Ok(DevHeads {
             q: gpu.upload(q)?,
             k: gpu.upload(k)?,
