@@ -114,7 +114,13 @@ mod tests {
             // Every head is in exactly one chunk and no chunk is empty.
             assert!(c.per_cta * c.chunks >= g && c.per_cta * (c.chunks - 1) < g);
             if g <= 8 {
-                assert_eq!(c, HeadChunks { per_cta: g, chunks: 1 });
+                assert_eq!(
+                    c,
+                    HeadChunks {
+                        per_cta: g,
+                        chunks: 1
+                    }
+                );
             } else {
                 assert_eq!(c.chunks, 2);
             }
