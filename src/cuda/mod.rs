@@ -11,6 +11,7 @@
 //! bf16 tensors live on the device as `u16` bit patterns.
 
 pub mod backend;
+pub mod bench_io;
 pub mod decode;
 pub mod f32path;
 pub mod model;
