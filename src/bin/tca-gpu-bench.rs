@@ -433,10 +433,13 @@ fn check_case(
     ))
 }
 
+/// (Hq, Hkv, L, d).
+type Shape = (usize, usize, usize, usize);
+
 /// The correctness cases (name, (Hq, Hkv, L, d)): the LLaMA and SmolLM2 group shapes,
 /// MHA, the Qwen2.5-7B layer (28/4: g = 7, d 128), and groups 5, 13 (odd, above 8: two
 /// head chunks, the second masked) at d 96 and 16 at d 64.
-const CASES: &[(&str, (usize, usize, usize, usize))] = &[
+const CASES: &[(&str, Shape)] = &[
     ("llama-small", (8, 2, 2048, 128)),
     ("smol-small", (6, 2, 1536, 64)),
     ("mha-small", (2, 2, 640, 64)),
