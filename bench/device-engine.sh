@@ -112,6 +112,21 @@ speed)
     rm -f /tmp/cap$1.safetensors
   done
   ;;
+decode)
+  # Decode throughput without the shadow pass (and prefill), yarn:16; then the Hopper
+  # issue's oracle checks of the new shapes (tca-gpu-bench --check-only, .devrun/b12).
+  timeout 200 "$STAGE/tca-gpu-model" --model "$GGUF" --skip-check --rope-scaling yarn:16 \
+    --profile "$P/tau0.9.json" --lens 8192,32768,131072 --iters 5 --out "$W"; echo "tca-gpu-model rc=$?"
+  if [ -x "$HERE/.devrun/b12/tca-gpu-bench" ]; then
+    timeout 240 "$HERE/.devrun/b12/tca-gpu-bench" --out "$W/chk" --check-only 2>&1 | grep -v "^\s*\[ok\]" | tail -60
+    echo "tca-gpu-bench --check-only rc=$?"
+  fi
+  ;;
+b12)
+  # Issue 12's bench (bench/device-run.sh of .devrun/b12): LENS ITERS MODELS.
+  OUT=$W timeout 330 bash "$HERE/.devrun/b12/bench/device-run.sh" "${2:-32768,131072}" "${3:-10}" "${4:-llama,qwen7b}"
+  echo "device-run rc=$?"
+  ;;
 *) echo "unknown phase $PHASE"; exit 2;;
 esac
 echo "phase $PHASE: $(( $(date +%s) - t0 )) s"

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The one script run on the device (H200). Expects, next to it (in .devrun/): the release
 # binary tca-gpu-bench and bench/{sdpa_baseline.py,summarize.py}. Writes under $OUT:
-# correctness.json, bench.csv, bench.json, sdpa.csv, sanitizer logs, log.txt; prints the
-# short table last. Usage: bench/device-run.sh [LENS] [ITERS]
+# correctness.json, bench.csv, bench.json, sg_{model}_{L}.json (S_G per KV head), sdpa.csv
+# (SDPA flash/cuDNN and FlexAttention on the same S_G), sanitizer logs, log.txt; prints
+# the short table last. Usage: bench/device-run.sh [LENS] [ITERS] [MODELS]
+# (MODELS: comma list of llama,smol,qwen7b; default all three).
 # (SKIP_SDPA=1 reuses sdpa.csv placed next to the binary instead of re-measuring.)
 set -u
 LENS=${1:-8192,16384,32768,65536,131072}
 ITERS=${2:-15}
+MODELS=${3:-llama,smol,qwen7b}
 OUT=${OUT:-/tmp/tca-out}
 mkdir -p "$OUT"
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +26,7 @@ export TCA_CUDA_INCLUDE=/usr/local/cuda/include
   done
   echo "wgmma args: ${WGARG:-none}"
   echo "== correctness (f64 oracle) =="
-  timeout 100 "$BIN" --out "$OUT" --check-only $WGARG; echo "check rc=$?"
+  timeout 240 "$BIN" --out "$OUT" --check-only $WGARG; echo "check rc=$?"
   if command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer memcheck (mha-small, smol-small) =="
     timeout 60 compute-sanitizer --tool memcheck --print-limit 20 "$BIN" --out /tmp/san1 --check-only --cases mha-small,smol-small $WGARG 2>&1 | grep -v "^\s*\[ok\]" | head -40
@@ -33,10 +36,11 @@ export TCA_CUDA_INCLUDE=/usr/local/cuda/include
     echo "compute-sanitizer not found"
   fi
   echo "== bench =="
-  timeout 240 "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS" $WGARG; echo "bench rc=$?"
+  timeout 360 "$BIN" --out "$OUT" --skip-check --lens "$LENS" --iters "$ITERS" --models "$MODELS" $WGARG; echo "bench rc=$?"
   if [ -z "${SKIP_SDPA:-}" ]; then
-    echo "== PyTorch SDPA baseline =="
-    PYTHONUNBUFFERED=1 timeout 110 python3 "$HERE/bench/sdpa_baseline.py" --out "$OUT/sdpa.csv" --lens "$LENS"
+    echo "== PyTorch SDPA and FlexAttention baselines =="
+    PYTHONUNBUFFERED=1 timeout 300 python3 "$HERE/bench/sdpa_baseline.py" --out "$OUT/sdpa.csv" --lens "$LENS" \
+      --models "$MODELS" --iters "$ITERS" --warmup 3 --sg-dir "$OUT"
   elif [ -f "$HERE/sdpa.csv" ]; then
     cp "$HERE/sdpa.csv" "$OUT/sdpa.csv"; echo "SDPA baseline: reusing $HERE/sdpa.csv from an earlier run"
   fi

@@ -275,4 +275,5 @@ __device__ __forceinline__ void prefill_body(const u16* __restrict__ Q, const u1
     }
 
 PREFILL(64)
+PREFILL(96)
 PREFILL(128)

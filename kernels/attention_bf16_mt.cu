@@ -311,4 +311,5 @@ __device__ __forceinline__ void prefill_mt_body(const u16* __restrict__ Q, const
     }
 
 PREFILL_MT(64, 2)
+PREFILL_MT(96, 2)
 PREFILL_MT(128, 2)

@@ -2,13 +2,22 @@
 // per KV head: part A (the compacted global keys S_G: rows [0, nA) of A, count from
 // device memory when countA != nullptr) and part B (the window: rows [0, nB) of B).
 // Dense decode passes the full K, V as part A and nB = 0.
-// Split over KV (flash-decoding): CTA (split s, KV head kv; 4 warps) takes keys
-// [s * SK, (s + 1) * SK) of the concatenated range; each warp streams steps of 16 rows
-// with an online softmax through its own ring of NSD shared-memory stages filled by
-// cp.async (two steps in flight while it computes one), and reads each row once for all G query heads of the group (GQA). The warps' states are
-// merged in shared memory into one partial (m, l in log2 units; unnormalised o) per
-// (query head, split); tca_decode_combine merges the splits and writes O (f32) and the
-// log-sum-exp (natural log).
+// Split over KV (flash-decoding): CTA (split s, KV head kv, head chunk z; 4 warps) takes
+// keys [s * SK, (s + 1) * SK) of the concatenated range; each warp streams steps of 16
+// rows with an online softmax through its own ring of NSD shared-memory stages filled by
+// cp.async (two steps in flight while it computes one), and reads each row once for the
+// C query heads of its chunk (GQA). The group of g = Hq / Hkv query heads is cut into
+// ceil(g / C) chunks of C heads (the last one masked when C does not divide g); chunk z
+// covers heads kv * g + z * C + [0, C) and is done by the CTAs with blockIdx.z = z: the
+// grid's z extent must be ceil(g / C) (src/cuda/decode.rs, `launch_config`); heads a
+// smaller grid leaves out get NaN partials. (A loop over chunks inside the CTA cost up to
+// 150 more registers: the compiler hoists the cp.async addresses.) The warps' states are merged in shared memory into one partial (m, l in log2
+// units; unnormalised o) per (query head, split); tca_decode_combine merges the splits
+// and writes O (f32) and the log-sum-exp (natural log).
+//
+// Row layout in a warp: LPK lanes share a row (a power of two), each holding E = D / LPK
+// consecutive elements (E = 8 for D = 64 and 128: one 16-byte load; E = 12 for D = 96:
+// three 8-byte loads).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -19,36 +28,84 @@ typedef unsigned int u32;
 
 __device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
 
-template <int D, int G>
+// Lanes per row: the largest power of two <= D / 8 (16-byte pieces of a row).
+__host__ __device__ constexpr int lanes_per_row(int d) {
+    int l = 1;
+    while (2 * l <= d / 8) l *= 2;
+    return l;
+}
+
+// E consecutive bf16 at p (16-byte aligned when E % 8 == 0, else 8-byte aligned) to f32,
+// times `mul`.
+template <int E>
+__device__ __forceinline__ void load_row(const u16* p, float* out, float mul) {
+    static_assert(E % 4 == 0, "E must be a multiple of 4");
+    if constexpr (E % 8 == 0) {
+#pragma unroll
+        for (int c = 0; c < E / 8; c++) {
+            const uint4 u = *reinterpret_cast<const uint4*>(p + c * 8);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+#pragma unroll
+            for (int t = 0; t < 8; t++) out[c * 8 + t] = bf2f(e[t]) * mul;
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < E / 4; c++) {
+            const uint2 u = *reinterpret_cast<const uint2*>(p + c * 4);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+#pragma unroll
+            for (int t = 0; t < 4; t++) out[c * 4 + t] = bf2f(e[t]) * mul;
+        }
+    }
+}
+
+template <int D, int C>
 __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long long q_stride,
                                             const u16* __restrict__ KA, const u16* __restrict__ VA,
                                             const int* __restrict__ countA, int nA_const,
                                             long long strideA, const u16* __restrict__ KB,
                                             const u16* __restrict__ VB, int nB, long long strideB,
                                             int SK, float* __restrict__ part_o,
-                                            float* __restrict__ part_ml, float scale_log2) {
-    constexpr int LPK = D / 8;          // lanes per row (16 bytes each)
-    constexpr int SPW = 32 / LPK;       // rows per warp load instruction
-    constexpr int NI = ROWS / SPW;      // rows per lane per step
-    constexpr int CH = ROWS * D / 8;    // 16-byte chunks of one step's K (or V)
-    __shared__ float wm[NW][G], wl[NW][G];
-    __shared__ float wo[NW][G][D];
+                                            float* __restrict__ part_ml, float scale_log2, int g) {
+    constexpr int LPK = lanes_per_row(D);  // lanes per row (a power of two)
+    constexpr int E = D / LPK;              // elements per lane
+    constexpr int SPW = 32 / LPK;           // rows per warp load instruction
+    constexpr int NI = ROWS / SPW;          // rows per lane per step
+    constexpr int CPR = D / 8;              // 16-byte chunks of a row
+    constexpr int CH = ROWS * CPR;          // 16-byte chunks of one step's K (or V)
+    static_assert(E * LPK == D && (2 * CH) % 32 == 0, "unsupported head dimension");
+    __shared__ float wm[NW][C], wl[NW][C];
+    __shared__ float wo[NW][C][D];
     extern __shared__ uint4 dsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
     const int sub = lane % LPK, slot = lane / LPK;
     const int nA = countA ? countA[kv] : nA_const;
     const int n = nA + nB;
-    const int k0 = split * SK, k1 = min(n, k0 + SK);
     const u16* Ka = KA + (size_t)kv * strideA * D;
     const u16* Va = VA + (size_t)kv * strideA * D;
     const u16* Kb = KB ? KB + (size_t)kv * strideB * D : nullptr;
     const u16* Vb = VB ? VB + (size_t)kv * strideB * D : nullptr;
     // This warp's ring of NSD stages, each ROWS rows of K then ROWS rows of V.
     u16* ring = reinterpret_cast<u16*>(dsm) + (size_t)warp * NSD * 2 * ROWS * D;
+    const int nchunks = (g + C - 1) / C;
+
+    // A grid with too few chunks leaves heads uncovered: their partials are made NaN so
+    // that the output is visibly wrong rather than silently stale.
+    if ((int)gridDim.z < nchunks && blockIdx.z == gridDim.z - 1) {
+        for (int hh = gridDim.z * C + tid; hh < g; hh += NW * 32) {
+            const size_t h = (size_t)(kv * g + hh);
+            part_ml[(h * nsplit + split) * 2] = __int_as_float(0x7fc00000);
+            part_ml[(h * nsplit + split) * 2 + 1] = __int_as_float(0x7fc00000);
+        }
+    }
+    const int z = blockIdx.z;
+    if (z >= nchunks) return;
+    {
+    const int k0 = split * SK;
+    const int k1 = min(n, k0 + SK);
     const int first = k0 + warp * ROWS;
     const int nsteps = first < k1 ? (k1 - first + NW * ROWS - 1) / (NW * ROWS) : 0;
-
     auto issue = [&](int j) {
         if (j < nsteps) {
             const int base = first + j * NW * ROWS;
@@ -57,7 +114,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
             for (int i = 0; i < 2 * CH / 32; i++) {
                 const int c = lane + 32 * i;
                 const int which = c / CH, cr = c % CH;
-                const int r = cr / LPK, cc = cr % LPK;
+                const int r = cr / CPR, cc = cr % CPR;
                 const int k = min(base + r, k1 - 1);
                 const u16* src = which == 0 ? (k < nA ? Ka + (size_t)k * D : Kb + (size_t)(k - nA) * D)
                                             : (k < nA ? Va + (size_t)k * D : Vb + (size_t)(k - nA) * D);
@@ -67,140 +124,147 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
-#pragma unroll
-    for (int j = 0; j < NSD - 1; j++) issue(j);
 
-    float q[G][8];
+        const int h0 = kv * g + z * C;        // first query head of this chunk
+        const int nh = min(C, g - z * C);     // heads of this chunk (<= C)
 #pragma unroll
-    for (int gi = 0; gi < G; gi++) {
-        uint4 u = *reinterpret_cast<const uint4*>(Qd + (size_t)(kv * G + gi) * q_stride + sub * 8);
-        const u16* e = reinterpret_cast<const u16*>(&u);
+        for (int j = 0; j < NSD - 1; j++) issue(j);
+
+        float q[C][E];
 #pragma unroll
-        for (int t = 0; t < 8; t++) q[gi][t] = bf2f(e[t]) * scale_log2;
-    }
-    float m[G], l[G], acc[G][8];
+        for (int gi = 0; gi < C; gi++) {
+            if (gi < nh) {
+                load_row<E>(Qd + (size_t)(h0 + gi) * q_stride + sub * E, q[gi], scale_log2);
+            } else {
 #pragma unroll
-    for (int gi = 0; gi < G; gi++) {
-        m[gi] = NEG_INF;
-        l[gi] = 0.f;
-#pragma unroll
-        for (int t = 0; t < 8; t++) acc[gi][t] = 0.f;
-    }
-    for (int j = 0; j < nsteps; j++) {
-        issue(j + NSD - 1);
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(NSD - 1));
-        __syncwarp();
-        const u16* sk = ring + (size_t)(j % NSD) * 2 * ROWS * D;
-        const u16* sv = sk + ROWS * D;
-        const int base = first + j * NW * ROWS;
-        float sc[G][NI];
-#pragma unroll
-        for (int i = 0; i < NI; i++) {
-            const uint4 u = *reinterpret_cast<const uint4*>(sk + (slot + i * SPW) * D + sub * 8);
-            const u16* e = reinterpret_cast<const u16*>(&u);
-            float kf[8];
-#pragma unroll
-            for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
-            const bool ok = base + slot + i * SPW < k1;
-#pragma unroll
-            for (int gi = 0; gi < G; gi++) {
-                float a = 0.f;
-#pragma unroll
-                for (int t = 0; t < 8; t++) a = fmaf(q[gi][t], kf[t], a);
-#pragma unroll
-                for (int off = LPK / 2; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffff, a, off);
-                sc[gi][i] = ok ? a : NEG_INF;
+                for (int t = 0; t < E; t++) q[gi][t] = 0.f;
             }
         }
+        float m[C], l[C], acc[C][E];
 #pragma unroll
-        for (int gi = 0; gi < G; gi++) {
-            float mx = sc[gi][0];
+        for (int gi = 0; gi < C; gi++) {
+            m[gi] = NEG_INF;
+            l[gi] = 0.f;
 #pragma unroll
-            for (int i = 1; i < NI; i++) mx = fmaxf(mx, sc[gi][i]);
-#pragma unroll
-            for (int off = LPK; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
-            const float mn = fmaxf(m[gi], mx);
-            const float mu = mn == NEG_INF ? 0.f : mn;
-            const float al = exp2f(m[gi] - mu);
-            m[gi] = mn;
-            l[gi] *= al;
-#pragma unroll
-            for (int t = 0; t < 8; t++) acc[gi][t] *= al;
-#pragma unroll
-            for (int i = 0; i < NI; i++) sc[gi][i] = exp2f(sc[gi][i] - mu);
+            for (int t = 0; t < E; t++) acc[gi][t] = 0.f;
         }
+#pragma unroll 1
+        for (int j = 0; j < nsteps; j++) {
+            issue(j + NSD - 1);
+            asm volatile("cp.async.wait_group %0;\n" ::"n"(NSD - 1));
+            __syncwarp();
+            const u16* sk = ring + (size_t)(j % NSD) * 2 * ROWS * D;
+            const u16* sv = sk + ROWS * D;
+            const int base = first + j * NW * ROWS;
+            float sc[C][NI];
 #pragma unroll
-        for (int i = 0; i < NI; i++) {
-            const uint4 u = *reinterpret_cast<const uint4*>(sv + (slot + i * SPW) * D + sub * 8);
-            const u16* e = reinterpret_cast<const u16*>(&u);
-            float vf[8];
+            for (int i = 0; i < NI; i++) {
+                float kf[E];
+                load_row<E>(sk + (slot + i * SPW) * D + sub * E, kf, 1.f);
+                const bool ok = base + slot + i * SPW < k1;
 #pragma unroll
-            for (int t = 0; t < 8; t++) vf[t] = bf2f(e[t]);
+                for (int gi = 0; gi < C; gi++) {
+                    float a = 0.f;
 #pragma unroll
-            for (int gi = 0; gi < G; gi++) {
-                const float p = sc[gi][i];
-                l[gi] += p;
+                    for (int t = 0; t < E; t++) a = fmaf(q[gi][t], kf[t], a);
 #pragma unroll
-                for (int t = 0; t < 8; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+                    for (int off = LPK / 2; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffff, a, off);
+                    sc[gi][i] = ok ? a : NEG_INF;
+                }
+            }
+#pragma unroll
+            for (int gi = 0; gi < C; gi++) {
+                float mx = sc[gi][0];
+#pragma unroll
+                for (int i = 1; i < NI; i++) mx = fmaxf(mx, sc[gi][i]);
+#pragma unroll
+                for (int off = LPK; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+                const float mn = fmaxf(m[gi], mx);
+                const float mu = mn == NEG_INF ? 0.f : mn;
+                const float al = exp2f(m[gi] - mu);
+                m[gi] = mn;
+                l[gi] *= al;
+#pragma unroll
+                for (int t = 0; t < E; t++) acc[gi][t] *= al;
+#pragma unroll
+                for (int i = 0; i < NI; i++) sc[gi][i] = exp2f(sc[gi][i] - mu);
+            }
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                float vf[E];
+                load_row<E>(sv + (slot + i * SPW) * D + sub * E, vf, 1.f);
+#pragma unroll
+                for (int gi = 0; gi < C; gi++) {
+                    const float p = sc[gi][i];
+                    l[gi] += p;
+#pragma unroll
+                    for (int t = 0; t < E; t++) acc[gi][t] = fmaf(p, vf[t], acc[gi][t]);
+                }
+            }
+            __syncwarp();
+        }
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        // Merge the row slots of the warp (m is warp-uniform), then the warps.
+#pragma unroll
+        for (int gi = 0; gi < C; gi++) {
+#pragma unroll
+            for (int off = LPK; off < 32; off <<= 1) {
+                l[gi] += __shfl_xor_sync(0xffffffff, l[gi], off);
+#pragma unroll
+                for (int t = 0; t < E; t++) acc[gi][t] += __shfl_xor_sync(0xffffffff, acc[gi][t], off);
             }
         }
-        __syncwarp();
-    }
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    // Merge the row slots of the warp (m is warp-uniform), then the warps.
+        __syncthreads();  // the previous chunk's merge has read wo, wm, wl
+        if (lane < LPK) {
 #pragma unroll
-    for (int gi = 0; gi < G; gi++) {
+            for (int gi = 0; gi < C; gi++) {
 #pragma unroll
-        for (int off = LPK; off < 32; off <<= 1) {
-            l[gi] += __shfl_xor_sync(0xffffffff, l[gi], off);
-#pragma unroll
-            for (int t = 0; t < 8; t++) acc[gi][t] += __shfl_xor_sync(0xffffffff, acc[gi][t], off);
-        }
-    }
-    if (lane < LPK) {
-#pragma unroll
-        for (int gi = 0; gi < G; gi++) {
-#pragma unroll
-            for (int t = 0; t < 8; t++) wo[warp][gi][sub * 8 + t] = acc[gi][t];
-            if (lane == 0) {
-                wm[warp][gi] = m[gi];
-                wl[warp][gi] = l[gi];
+                for (int t = 0; t < E; t++) wo[warp][gi][sub * E + t] = acc[gi][t];
+                if (lane == 0) {
+                    wm[warp][gi] = m[gi];
+                    wl[warp][gi] = l[gi];
+                }
             }
         }
-    }
-    __syncthreads();
-    for (int idx = tid; idx < G * D; idx += NW * 32) {
-        const int gi = idx / D, dd = idx % D;
-        float M = NEG_INF;
+        __syncthreads();
+        for (int idx = tid; idx < nh * D; idx += NW * 32) {
+            const int gi = idx / D, dd = idx % D;
+            float M = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < NW; w++) M = fmaxf(M, wm[w][gi]);
-        const float mu = M == NEG_INF ? 0.f : M;
-        float o = 0.f, lt = 0.f;
+            for (int w = 0; w < NW; w++) M = fmaxf(M, wm[w][gi]);
+            const float mu = M == NEG_INF ? 0.f : M;
+            float o = 0.f, lt = 0.f;
 #pragma unroll
-        for (int w = 0; w < NW; w++) {
-            const float f = exp2f(wm[w][gi] - mu);
-            o += f * wo[w][gi][dd];
-            lt += f * wl[w][gi];
-        }
-        const size_t h = (size_t)(kv * G + gi);
-        part_o[(h * nsplit + split) * D + dd] = o;
-        if (dd == 0) {
-            part_ml[(h * nsplit + split) * 2] = M;
-            part_ml[(h * nsplit + split) * 2 + 1] = lt;
+            for (int w = 0; w < NW; w++) {
+                const float f = exp2f(wm[w][gi] - mu);
+                o += f * wo[w][gi][dd];
+                lt += f * wl[w][gi];
+            }
+            const size_t h = (size_t)(h0 + gi);
+            part_o[(h * nsplit + split) * D + dd] = o;
+            if (dd == 0) {
+                part_ml[(h * nsplit + split) * 2] = M;
+                part_ml[(h * nsplit + split) * 2 + 1] = lt;
+            }
         }
     }
 }
 
-#define DECODE(D, G)                                                                            \
-    extern "C" __global__ void __launch_bounds__(NW * 32) tca_decode_d##D##_g##G(               \
+// tca_decode_d{D}_c{C}: C query heads per CTA (1 <= C <= 8), g = Hq / Hkv given at run
+// time (the launcher picks C = g for g <= 8 and C = ceil(g / 2) for 8 < g <= 16).
+#define DECODE(D, C)                                                                            \
+    extern "C" __global__ void __launch_bounds__(NW * 32) tca_decode_d##D##_c##C(               \
         const u16* Qd, long long q_stride, const u16* KA, const u16* VA, const int* countA,     \
         int nA_const, long long strideA, const u16* KB, const u16* VB, int nB, long long strideB, \
-        int SK, float* part_o, float* part_ml, float sl2) {                                     \
-        decode_body<D, G>(Qd, q_stride, KA, VA, countA, nA_const, strideA, KB, VB, nB, strideB, \
-                          SK, part_o, part_ml, sl2);                                            \
+        int SK, float* part_o, float* part_ml, float sl2, int g) {                              \
+        decode_body<D, C>(Qd, q_stride, KA, VA, countA, nA_const, strideA, KB, VB, nB, strideB, \
+                          SK, part_o, part_ml, sl2, g);                                         \
     }
-DECODE(64, 1) DECODE(64, 2) DECODE(64, 3) DECODE(64, 4) DECODE(64, 8)
-DECODE(128, 1) DECODE(128, 2) DECODE(128, 3) DECODE(128, 4) DECODE(128, 8)
+#define DECODE_ALL_C(D) \
+    DECODE(D, 1) DECODE(D, 2) DECODE(D, 3) DECODE(D, 4) DECODE(D, 5) DECODE(D, 6) DECODE(D, 7) DECODE(D, 8)
+DECODE_ALL_C(64)
+DECODE_ALL_C(96)
+DECODE_ALL_C(128)
 
 // grid Hq, 256 threads: merge the splits of one query head. Thread (part, d) sums the
 // splits part, part + P, ... (P = 256 / D), then the parts are added in shared memory.

@@ -1,6 +1,7 @@
 // Online core-context selection (docs/algorithm.md §1) on the GPU, per KV head.
-//   tca_logits_d{D}_g{G}: x_hj = q_{L-1}^h . k_j * scale * log2(e) for the g query heads of
-//       a KV head (K read once), plus per-chunk (max, sum 2^(x - max)) partials.
+//   tca_logits_d{D}_c{C}: x_hj = q_{L-1}^h . k_j * scale * log2(e) for C of the g query
+//       heads of a KV head (K read once per chunk of C heads: once when g <= 8), plus
+//       per-chunk (max, sum 2^(x - max)) partials.
 //   tca_softmax_stats: per query head, the max M_h and Z_h = sum_j 2^(x_hj - M_h).
 //   tca_redundancy: s_j = reduce_h 2^(x_hj - M_h) / Z_h (mean or max over the group) for
 //       j in the candidate region [0, L - w), and per block m = sum s, c = 1 - sum s^2 / m^2.
@@ -16,6 +17,7 @@
 typedef unsigned short u16;
 typedef unsigned int u32;
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define MAXG 16  // largest group g = Hq / Hkv (tca_redundancy keeps one value per head)
 
 __device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
 
@@ -26,55 +28,91 @@ __device__ __forceinline__ void merge_ms(float& m, float& s, float m2, float s2)
     m = mn;
 }
 
-template <int D, int G>
+// Lanes per key row: the largest power of two <= D / 8; each lane holds E = D / LPK
+// consecutive elements (8 for D = 64 and 128, 12 for D = 96).
+__host__ __device__ constexpr int lanes_per_row(int d) {
+    int l = 1;
+    while (2 * l <= d / 8) l *= 2;
+    return l;
+}
+
+// E consecutive bf16 at p (16-byte aligned when E % 8 == 0, else 8-byte aligned) to f32.
+template <int E>
+__device__ __forceinline__ void load_row(const u16* p, float* out) {
+    static_assert(E % 4 == 0, "E must be a multiple of 4");
+    if constexpr (E % 8 == 0) {
+#pragma unroll
+        for (int c = 0; c < E / 8; c++) {
+            const uint4 u = *reinterpret_cast<const uint4*>(p + c * 8);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+#pragma unroll
+            for (int t = 0; t < 8; t++) out[c * 8 + t] = bf2f(e[t]);
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < E / 4; c++) {
+            const uint2 u = *reinterpret_cast<const uint2*>(p + c * 4);
+            const u16* e = reinterpret_cast<const u16*>(&u);
+#pragma unroll
+            for (int t = 0; t < 4; t++) out[c * 4 + t] = bf2f(e[t]);
+        }
+    }
+}
+
+// grid (chunks of kpc keys, Hkv, ceil(g / C)), 128 threads: CTA z serves the C query
+// heads kv * g + z * C + [0, C) of the group of g (the last chunk masked).
+template <int D, int C>
 __device__ __forceinline__ void logits_body(const u16* __restrict__ Q, const u16* __restrict__ K,
                                             float* __restrict__ X, float* __restrict__ part, int L,
-                                            int Hkv, int kpc, float scale_log2) {
-    constexpr int LPK = D / 8;     // lanes per key row (16 bytes each)
-    constexpr int KPI = 128 / LPK; // keys per CTA iteration
-    __shared__ float red[4][G][2];
+                                            int Hkv, int kpc, float scale_log2, int g) {
+    constexpr int LPK = lanes_per_row(D);  // lanes per key row
+    constexpr int E = D / LPK;              // elements per lane
+    constexpr int KPI = 128 / LPK;          // keys per CTA iteration
+    static_assert(E * LPK == D, "unsupported head dimension");
+    __shared__ float red[4][C][2];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int kv = blockIdx.y, chunk = blockIdx.x, nchunk = gridDim.x;
     const int sub = tid % LPK, slot = tid / LPK;
-    float q[G][8];
+    const int h0 = kv * g + blockIdx.z * C;
+    const int nh = min(C, g - (int)blockIdx.z * C);
+    if (nh <= 0) return;
+    float q[C][E];
 #pragma unroll
-    for (int gi = 0; gi < G; gi++) {
-        const int h = kv * G + gi;
-        uint4 u = *reinterpret_cast<const uint4*>(Q + ((size_t)h * L + (L - 1)) * D + sub * 8);
-        const u16* e = reinterpret_cast<const u16*>(&u);
+    for (int gi = 0; gi < C; gi++) {
+        if (gi < nh) {
+            load_row<E>(Q + ((size_t)(h0 + gi) * L + (L - 1)) * D + sub * E, q[gi]);
+        } else {
 #pragma unroll
-        for (int t = 0; t < 8; t++) q[gi][t] = bf2f(e[t]);
+            for (int t = 0; t < E; t++) q[gi][t] = 0.f;
+        }
     }
-    float m[G], s[G];
+    float m[C], s[C];
 #pragma unroll
-    for (int gi = 0; gi < G; gi++) { m[gi] = NEG_INF; s[gi] = 0.f; }
+    for (int gi = 0; gi < C; gi++) { m[gi] = NEG_INF; s[gi] = 0.f; }
     const u16* Kh = K + (size_t)kv * L * D;
     const int j_end = min(L, (chunk + 1) * kpc);
 #pragma unroll 4
     for (int j0 = chunk * kpc; j0 < j_end; j0 += KPI) {
         const int j = j0 + slot;
         const int jc = min(j, j_end - 1);
-        uint4 u = *reinterpret_cast<const uint4*>(Kh + (size_t)jc * D + sub * 8);
-        const u16* e = reinterpret_cast<const u16*>(&u);
-        float kf[8];
+        float kf[E];
+        load_row<E>(Kh + (size_t)jc * D + sub * E, kf);
 #pragma unroll
-        for (int t = 0; t < 8; t++) kf[t] = bf2f(e[t]);
-#pragma unroll
-        for (int gi = 0; gi < G; gi++) {
+        for (int gi = 0; gi < C; gi++) {
             float acc = 0.f;
 #pragma unroll
-            for (int t = 0; t < 8; t++) acc = fmaf(q[gi][t], kf[t], acc);
+            for (int t = 0; t < E; t++) acc = fmaf(q[gi][t], kf[t], acc);
 #pragma unroll
             for (int off = LPK / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
-            if (sub == 0 && j < j_end) {
+            if (sub == 0 && j < j_end && gi < nh) {
                 const float x = acc * scale_log2;
-                X[(size_t)(kv * G + gi) * L + j] = x;
+                X[(size_t)(h0 + gi) * L + j] = x;
                 merge_ms(m[gi], s[gi], x, 1.f);
             }
         }
     }
 #pragma unroll
-    for (int gi = 0; gi < G; gi++) {
+    for (int gi = 0; gi < C; gi++) {
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
             float m2 = __shfl_xor_sync(0xffffffff, m[gi], off);
@@ -84,22 +122,28 @@ __device__ __forceinline__ void logits_body(const u16* __restrict__ Q, const u16
         if (lane == 0) { red[warp][gi][0] = m[gi]; red[warp][gi][1] = s[gi]; }
     }
     __syncthreads();
-    if (tid < G) {
+    if (tid < nh) {
         float mm = red[0][tid][0], ss = red[0][tid][1];
         for (int w = 1; w < 4; w++) merge_ms(mm, ss, red[w][tid][0], red[w][tid][1]);
-        const size_t o = ((size_t)(kv * G + tid) * nchunk + chunk) * 2;
+        const size_t o = ((size_t)(h0 + tid) * nchunk + chunk) * 2;
         part[o] = mm;
         part[o + 1] = ss;
     }
 }
 
-#define LOGITS(D, G)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) tca_logits_d##D##_g##G(                     \
-        const u16* Q, const u16* K, float* X, float* part, int L, int Hkv, int kpc, float sl2) { \
-        logits_body<D, G>(Q, K, X, part, L, Hkv, kpc, sl2);                                       \
+// tca_logits_d{D}_c{C}: C query heads per CTA (1 <= C <= 8), g given at run time (the
+// launcher picks C = g for g <= 8 and C = ceil(g / 2) for 8 < g <= 16).
+#define LOGITS(D, C)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) tca_logits_d##D##_c##C(                     \
+        const u16* Q, const u16* K, float* X, float* part, int L, int Hkv, int kpc, float sl2,    \
+        int g) {                                                                                  \
+        logits_body<D, C>(Q, K, X, part, L, Hkv, kpc, sl2, g);                                    \
     }
-LOGITS(64, 1) LOGITS(64, 2) LOGITS(64, 3) LOGITS(64, 4) LOGITS(64, 8)
-LOGITS(128, 1) LOGITS(128, 2) LOGITS(128, 3) LOGITS(128, 4) LOGITS(128, 8)
+#define LOGITS_ALL_C(D) \
+    LOGITS(D, 1) LOGITS(D, 2) LOGITS(D, 3) LOGITS(D, 4) LOGITS(D, 5) LOGITS(D, 6) LOGITS(D, 7) LOGITS(D, 8)
+LOGITS_ALL_C(64)
+LOGITS_ALL_C(96)
+LOGITS_ALL_C(128)
 
 // grid Hq, 32 threads: combine the chunk partials of one query head.
 extern "C" __global__ void tca_softmax_stats(const float* part, float* hstats, int nchunk) {
@@ -128,7 +172,7 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return t;
 }
 
-// grid (nb, Hkv), blockDim = b rounded up to a multiple of 32 (<= 1024).
+// grid (nb, Hkv), blockDim = b rounded up to a multiple of 32 (<= 1024); G <= MAXG.
 // Works in block-relative scale so that nothing underflows: with l_hj = x_hj - M_h -
 // log2 Z_h (log2 of head h's softmax probability) and B = max over the block and the
 // group of l_hj, u_j = reduce_h 2^(l_hj - B) (mean or max) so s_j = 2^B u_j. Then
@@ -142,9 +186,11 @@ extern "C" __global__ void tca_redundancy(const float* X, const float* hstats, f
     const int lane = tid & 31, warp = tid >> 5, nw = (blockDim.x + 31) >> 5;
     const int j = blk * b + tid;
     const bool valid = tid < b && j < Lc;
-    float lh[8];
+    float lh[MAXG];
     float lmax = NEG_INF;
-    for (int gi = 0; gi < G && gi < 8; gi++) {
+#pragma unroll
+    for (int gi = 0; gi < MAXG; gi++) {
+        if (gi >= G) break;
         const int h = kv * G + gi;
         lh[gi] = valid ? X[(size_t)h * L + j] - hstats[2 * h] - log2f(hstats[2 * h + 1]) : NEG_INF;
         lmax = fmaxf(lmax, lh[gi]);
@@ -158,7 +204,9 @@ extern "C" __global__ void tca_redundancy(const float* X, const float* hstats, f
     for (int w = 0; w < nw; w++) B = fmaxf(B, sh[w]);
     float u = 0.f, s = 0.f;
     if (valid) {
-        for (int gi = 0; gi < G && gi < 8; gi++) {
+#pragma unroll
+        for (int gi = 0; gi < MAXG; gi++) {
+            if (gi >= G) break;
             const float e = exp2f(lh[gi] - B);
             const float p = exp2f(lh[gi]);
             u = reduce_max ? fmaxf(u, e) : u + e;

@@ -6,9 +6,12 @@
 //!    gamma_i = 1 - exp(lse_sparse_i - lse_full_i) against the oracle's gamma (<= 1e-3),
 //!    and the f32 attention path (<= 1e-5).
 //! 2. Timing with CUDA events (warm-up, then the median of many runs; outputs NaN-filled
-//!    before each run and checked finite after) for LLaMA-3.1-8B (32/8, d = 128) and
-//!    SmolLM2 (9/3, d = 64) layers at the given lengths: each selection stage, sparse
-//!    attention, dense attention, decode (sparse and dense), keep fraction, KV bytes.
+//!    before each run and checked finite after) for LLaMA-3.1-8B (32/8, d = 128),
+//!    SmolLM2 (9/3, d = 64) and Qwen2.5-7B (28/4, g = 7, d = 128) layers at the given
+//!    lengths: each selection stage, sparse attention, dense attention, decode (sparse and
+//!    dense, rotating over enough copies of each cache that they are not resident in L2),
+//!    keep fraction, KV bytes. The selected S_G per KV head of each timed row is written
+//!    to sg_{model}_{L}.json, for the FlexAttention baseline on the same sparsity.
 //!    Budgets: each KV head's configuration is calibrated in place to tau with the
 //!    `mass` criterion (1 - mean gamma from the GPU's own LSE audit) over the paper's
 //!    14 log-normal candidates.
@@ -22,6 +25,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use tca::cuda::backend::{attention_to_host, select_params};
+use tca::cuda::bench_io::{copies_out_of_l2, SelectionRecord};
 use tca::cuda::decode::{self, DevDecode};
 use tca::cuda::f32path::attention_f32;
 use tca::cuda::prefill::{self, DevAttention, Variant};
@@ -44,8 +48,8 @@ struct Args {
         default_value = "8192,16384,32768,65536,131072"
     )]
     lens: Vec<usize>,
-    /// Models to time: llama (32/8, d 128), smol (9/3, d 64).
-    #[arg(long, value_delimiter = ',', default_value = "llama,smol")]
+    /// Models to time: llama (32/8, d 128), smol (9/3, d 64), qwen7b (28/4, d 128).
+    #[arg(long, value_delimiter = ',', default_value = "llama,smol,qwen7b")]
     models: Vec<String>,
     /// Timed runs per measurement (after 3 warm-ups).
     #[arg(long, default_value_t = 15)]
@@ -74,11 +78,12 @@ struct Args {
     /// outlast the host's launches of the batch, or host gaps are timed.
     #[arg(long, default_value_t = 200)]
     spin_us: u64,
-    /// Correctness cases to run (llama-small, smol-small, mha-small).
+    /// Correctness cases to run (see CASES: llama-small, smol-small, mha-small,
+    /// qwen7b-small, g5-d96-small, g13-d96-small, g16-small).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "llama-small,smol-small,mha-small"
+        default_value = "llama-small,smol-small,mha-small,qwen7b-small,g5-d96-small,g13-d96-small,g16-small"
     )]
     cases: Vec<String>,
 }
@@ -428,6 +433,22 @@ fn check_case(
     ))
 }
 
+/// (Hq, Hkv, L, d).
+type Shape = (usize, usize, usize, usize);
+
+/// The correctness cases (name, (Hq, Hkv, L, d)): the LLaMA and SmolLM2 group shapes,
+/// MHA, the Qwen2.5-7B layer (28/4: g = 7, d 128), and groups 5, 13 (odd, above 8: two
+/// head chunks, the second masked) at d 96 and 16 at d 64.
+const CASES: &[(&str, Shape)] = &[
+    ("llama-small", (8, 2, 2048, 128)),
+    ("smol-small", (6, 2, 1536, 64)),
+    ("mha-small", (2, 2, 640, 64)),
+    ("qwen7b-small", (28, 4, 1024, 128)),
+    ("g5-d96-small", (10, 2, 1024, 96)),
+    ("g13-d96-small", (13, 1, 768, 96)),
+    ("g16-small", (16, 1, 768, 64)),
+];
+
 /// Minimal error plumbing for the binary.
 mod anyhow_lite {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -563,6 +584,17 @@ fn bench_one(
         .min_by(|&a, &b| med_v[a][5].total_cmp(&med_v[b][5]))
         .unwrap_or(0);
     let hs = download_selection(gpu, &h, &sel)?;
+    SelectionRecord {
+        model: m.name.to_string(),
+        len: l,
+        hq,
+        hkv,
+        dim: d,
+        window: cfg.window,
+        block: cfg.block_size,
+        global: hs.global.clone(),
+    }
+    .write(&args.out)?;
     // gamma of every query from the two LSEs.
     let mut gsum = 0f64;
     let mut gmax = 0f64;
@@ -600,6 +632,32 @@ fn bench_one(
         .iter()
         .map(|&c| c.max(0) as usize + sel.window)
         .collect();
+    // Each timed token reads another copy of the cache, with enough copies that their
+    // total exceeds twice the L2 size: the cache is not resident in L2 when read.
+    let kv_full = hkv * l * d * 4;
+    let kv_tca = sel.cache_bytes(&hs.counts, d);
+    let l2 = l2_bytes(gpu);
+    let n_sp = copies_out_of_l2(kv_tca, l2);
+    let n_de = copies_out_of_l2(kv_full, l2);
+    let mut sels = vec![];
+    for _ in 1..n_sp {
+        // Same inputs and parameters: the same S_G and compacted cache, in new buffers.
+        let mut s2 = DevSelection::new(gpu, &h, &p)?;
+        run_select(gpu, &h, &mut s2, None)?;
+        sels.push(s2);
+    }
+    let mut heads = vec![];
+    for _ in 1..n_de {
+        heads.push(DevHeads {
+            q: gpu.stream.clone_dtod(&h.q).ctx("copy Q")?,
+            k: gpu.stream.clone_dtod(&h.k).ctx("copy K")?,
+            v: gpu.stream.clone_dtod(&h.v).ctx("copy V")?,
+            ..h
+        });
+    }
+    gpu.sync()?;
+    let sel_copies: Vec<&DevSelection> = std::iter::once(&sel).chain(sels.iter()).collect();
+    let head_copies: Vec<&DevHeads> = std::iter::once(&h).chain(heads.iter()).collect();
     let mut dsp = DevDecode::for_lengths(gpu, &h, &lens)?;
     let mut dde = DevDecode::new(gpu, &h, l)?;
     let mut t_ds = vec![];
@@ -610,12 +668,14 @@ fn bench_one(
         dde.poison(gpu)?;
         gpu.spin(spin_us)?;
         e[0].record(&gpu.stream).ctx("record")?;
-        for _ in 0..batch {
-            decode::run_sparse(gpu, &h, &sel, &mut dsp)?;
+        for t in 0..batch {
+            let c = (it * batch + t) % n_sp;
+            decode::run_sparse(gpu, &h, sel_copies[c], &mut dsp)?;
         }
         e[1].record(&gpu.stream).ctx("record")?;
-        for _ in 0..batch {
-            decode::run_dense(gpu, &h, &mut dde)?;
+        for t in 0..batch {
+            let c = (it * batch + t) % n_de;
+            decode::run_dense(gpu, head_copies[c], &mut dde)?;
         }
         e[2].record(&gpu.stream).ctx("record")?;
         gpu.sync()?;
@@ -624,6 +684,8 @@ fn bench_one(
             t_dd.push(ms(&e[1], &e[2])? / batch as f64);
         }
     }
+    drop(head_copies);
+    drop(heads);
     let dec_iters = 2 * iters * batch;
     let dec_bad = gpu
         .download(&dsp.o)?
@@ -635,10 +697,9 @@ fn bench_one(
     let med = &med_v[best];
     let (t_imp, t_red, t_sort, t_sel, t_att, t_tot) =
         (med[0], med[1], med[2], med[3], med[4], med[5]);
+    let (t_ds_min, t_dd_min) = (min(&t_ds), min(&t_dd));
     let t_ds = median(t_ds);
     let t_dd = median(t_dd);
-    let kv_full = hkv * l * d * 4;
-    let kv_tca = sel.cache_bytes(&hs.counts, d);
     let flops_kept = 4.0 * d as f64 * kept;
     let flops_dense = 4.0 * d as f64 * causal;
     let r = json!({
@@ -655,12 +716,15 @@ fn bench_one(
         "variants": variants.iter().enumerate().map(|(i, v)| json!({"kernel": v.name(),
             "dense_ms": t_dense_v[i], "tca_total_ms": med_v[i][5], "attention_ms": med_v[i][4],
             "tflops_kept_attention": flops_kept / (med_v[i][4] * 1e9), "tflops_dense": flops_dense / (t_dense_v[i] * 1e9)})).collect::<Vec<_>>(),
-        "timing": format!("CUDA events around GPU work queued behind a {} us spin kernel; medians; decode per token = batch of 20 / 20", args.spin_us),
+        "timing": format!("CUDA events around GPU work queued behind a {} us spin kernel; {warm} warm-ups, {iters} runs, medians (decode: also minima); decode per token = batch of 20 / 20, cache out of L2 (rotating copies)", args.spin_us),
         "speedup_vs_own_dense": t_dense / t_tot,
         "tflops_kept_attention": flops_kept / (t_att * 1e9),
         "tflops_kept_total": flops_kept / (t_tot * 1e9),
         "tflops_dense": flops_dense / (t_dense * 1e9),
         "decode": {"sparse_us": t_ds * 1e3, "dense_us": t_dd * 1e3, "speedup": t_dd / t_ds,
+                   "sparse_us_min": t_ds_min * 1e3, "dense_us_min": t_dd_min * 1e3,
+                   "l2_bytes": l2, "sparse_cache_copies": n_sp, "dense_cache_copies": n_de,
+                   "cache_policy": format!("each token reads the next of {n_sp} (sparse) / {n_de} (dense) copies of its cache; copies x bytes > 2 x L2 ({l2} bytes), so the cache is not L2-resident"),
                    "sparse_bytes": kv_tca, "dense_bytes": kv_full,
                    "sparse_GBps": kv_tca as f64 / (t_ds * 1e6), "dense_GBps": kv_full as f64 / (t_dd * 1e6)},
         "kv_bytes_full": kv_full, "kv_bytes_tca": kv_tca,
@@ -732,20 +796,39 @@ fn vf(r: &Value, kernel: &str, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn bandwidth(gpu: &Gpu) -> GpuResult<f64> {
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// The device's L2 size in bytes (60 MB assumed when the attribute cannot be read).
+fn l2_bytes(gpu: &Gpu) -> usize {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
+    gpu.ctx
+        .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map(|b| b.max(0) as usize)
+        .unwrap_or(60 << 20)
+}
+
+/// Device-to-device copy bandwidth (read + write) of a 1 GiB buffer, timed like the
+/// kernels: queued behind the spin kernel, 3 warm-ups, `iters` runs; (median, max) GB/s.
+fn bandwidth(gpu: &Gpu, iters: usize, spin_us: u64) -> GpuResult<(f64, f64)> {
     let n = 1usize << 28; // 1 GiB of f32
     let a = gpu.alloc::<f32>(n)?;
     let mut b = gpu.alloc::<f32>(n)?;
     let e = ev(gpu, 2)?;
     let mut t = vec![];
-    for _ in 0..8 {
+    for it in 0..3 + iters {
+        gpu.spin(spin_us)?;
         e[0].record(&gpu.stream).ctx("record")?;
         gpu.stream.memcpy_dtod(&a, &mut b).ctx("memcpy dtod")?;
         e[1].record(&gpu.stream).ctx("record")?;
         gpu.sync()?;
-        t.push(ms(&e[0], &e[1])?);
+        if it >= 3 {
+            t.push(ms(&e[0], &e[1])?);
+        }
     }
-    Ok(2.0 * (n * 4) as f64 / (median(t) * 1e6))
+    let bytes = 2.0 * (n * 4) as f64;
+    Ok((bytes / (median(t.clone()) * 1e6), bytes / (min(&t) * 1e6)))
 }
 
 fn main() -> std::process::ExitCode {
@@ -784,9 +867,13 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
         "tca_prefill_wgmma_d128",
         "tca_prefill_wgmma_d64",
         "tca_prefill_bf16_d64",
-        "tca_decode_d128_g4",
-        "tca_decode_d64_g3",
-        "tca_logits_d128_g4",
+        "tca_prefill_bf16_d96",
+        "tca_decode_d128_c4",
+        "tca_decode_d128_c7",
+        "tca_decode_d64_c3",
+        "tca_decode_d96_c5",
+        "tca_logits_d128_c4",
+        "tca_logits_d128_c7",
     ] {
         let f = gpu.func(name)?;
         info[name] = json!({"regs": f.num_regs().ctx("attr")?, "local_bytes": f.local_size_bytes().ctx("attr")?,
@@ -814,18 +901,15 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     let mut all_pass = true;
     if !args.skip_check {
         let mut cases = vec![];
-        for (name, shape) in [
-            ("llama-small", (8, 2, 2048, 128)),
-            ("smol-small", (6, 2, 1536, 64)),
-            ("mha-small", (2, 2, 640, 64)),
-        ] {
+        for &(name, shape) in CASES {
             if !args.cases.iter().any(|c| c == name) {
                 continue;
             }
-            let wg = if shape.3 == 128 {
-                args.wgmma_d128
-            } else {
-                args.wgmma_d64
+            // The wgmma kernel exists for d 64 and 128 (d 96 runs the mma.sync kernel).
+            let wg = match shape.3 {
+                128 => args.wgmma_d128,
+                64 => args.wgmma_d64,
+                _ => None,
             };
             match check_case(wg, &gpu, name, shape) {
                 Ok((v, ok)) => {
@@ -849,8 +933,10 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     if args.check_only {
         return Ok(all_pass);
     }
-    let bw = bandwidth(&gpu)?;
-    println!("device-to-device copy: {:.0} GB/s (read + write)", bw);
+    let (bw, bw_max) = bandwidth(&gpu, args.iters, args.spin_us)?;
+    println!(
+        "device-to-device copy (1 GiB, cudaMemcpy D2D): {bw:.0} GB/s median, {bw_max:.0} best (read + write)"
+    );
     let models = [
         Model {
             name: "llama",
@@ -864,10 +950,16 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             hkv: 3,
             d: 64,
         },
+        Model {
+            name: "qwen7b",
+            hq: 28,
+            hkv: 4,
+            d: 128,
+        },
     ];
     let mut rows = vec![];
     let mut csv = std::fs::File::create(args.out.join("bench.csv"))?;
-    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_wgmma,dense_ms_mt1,dense_ms_mt2,dense_ms_wgmma")?;
+    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_wgmma,dense_ms_mt1,dense_ms_mt2,dense_ms_wgmma,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense")?;
     for m in models
         .iter()
         .filter(|m| args.models.iter().any(|n| n == m.name))
@@ -893,7 +985,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             writeln!(
                 csv,
-                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}",
+                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{}",
                 m.name, l, m.hq, m.hkv, m.d, f(&r["keep_frac"]), f(&r["sg_frac_of_candidates"]), f(&r["mean_gamma"]),
                 f(&r["ms"]["tca_total"]), f(&r["ms"]["importance"]), f(&r["ms"]["redundancy"]), f(&r["ms"]["sorting"]),
                 f(&r["ms"]["selection"]), f(&r["ms"]["attention"]), f(&r["ms"]["dense"]), f(&r["speedup_vs_own_dense"]),
@@ -902,7 +994,9 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                 r["kv_bytes_full"], r["kv_bytes_tca"], bw,
                 r["attention_kernel"].as_str().unwrap_or("?"),
                 vf(&r, "mt1", "attention_ms"), vf(&r, "mt2", "attention_ms"), vf(&r, "wgmma", "attention_ms"),
-                vf(&r, "mt1", "dense_ms"), vf(&r, "mt2", "dense_ms"), vf(&r, "wgmma", "dense_ms")
+                vf(&r, "mt1", "dense_ms"), vf(&r, "mt2", "dense_ms"), vf(&r, "wgmma", "dense_ms"),
+                f(&r["decode"]["sparse_us_min"]), f(&r["decode"]["dense_us_min"]), f(&r["decode"]["dense_GBps"]),
+                r["decode"]["sparse_cache_copies"], r["decode"]["dense_cache_copies"]
             )?;
             csv.flush()?;
             let bad = r["non_finite_outputs"]
@@ -920,7 +1014,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             std::fs::write(
                 args.out.join("bench.json"),
                 serde_json::to_string_pretty(
-                    &json!({"info": info, "copy_GBps": bw, "rows": rows}),
+                    &json!({"info": info, "copy_GBps": bw, "copy_GBps_best": bw_max, "rows": rows}),
                 )?,
             )?;
         }

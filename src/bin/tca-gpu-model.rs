@@ -296,7 +296,13 @@ fn engine_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<()
         profile: prof,
     };
     let c = gm
-        .generate(&case.prompt, 10, attn, DecodeCache::Compact, eos)
+        .generate(
+            &case.prompt,
+            10,
+            attn,
+            DecodeCache::Compact { shadow: true },
+            eos,
+        )
         .map_err(gpu_err)?;
     let f = gm
         .generate(&case.prompt, 10, attn, DecodeCache::Full, eos)
@@ -326,7 +332,7 @@ fn engine_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<()
         &case.prompt,
         cfg.block_size + 1,
         attn,
-        DecodeCache::Compact,
+        DecodeCache::Compact { shadow: true },
         eos,
     );
     checks.add(
@@ -537,7 +543,7 @@ fn run(a: &Args) -> tca::Result<bool> {
     }
     // Decode: greedy steps after an L-token prompt (all layers, output head and arg-max
     // on the host each step), exact over the full cache and TCA over the compacted one
-    // (without its shadow pass: DecodeCache::Full timing of a TCA prefill is the
+    // (without its shadow pass; DecodeCache::Full timing of a TCA prefill is the
     // full-cache mode).
     for &l in &a.lens {
         let n = cfg.block_size.min(64);
@@ -555,7 +561,7 @@ fn run(a: &Args) -> tca::Result<bool> {
                     config: cfg,
                     profile: p,
                 },
-                DecodeCache::Compact,
+                DecodeCache::Compact { shadow: false },
             ));
         }
         for (name, attn, cache) in kinds {

@@ -159,7 +159,7 @@ mod imp {
             eos: Option<u32>,
         ) -> Result<GenOut> {
             let cache = if compact {
-                DecodeCache::Compact
+                DecodeCache::Compact { shadow: true }
             } else {
                 DecodeCache::Full
             };

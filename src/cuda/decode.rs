@@ -3,7 +3,7 @@
 //! Split over KV; each KV head's rows are read once for its g query heads.
 
 use super::selection::DevSelection;
-use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
+use super::{cfg, shape, Ctx, DevHeads, Gpu, GpuResult};
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
 /// Rows a CTA streams per step (4 warps x 16 rows, NW * ROWS in kernels/decode.cu).
@@ -18,11 +18,25 @@ pub fn smem_bytes(d: usize) -> usize {
     4 * NSD * 2 * 16 * d * 2
 }
 
-fn kernel(gpu: &Gpu, h: &DevHeads) -> GpuResult<cudarc::driver::CudaFunction> {
-    gpu.func_smem(
-        &format!("tca_decode_d{}_g{}", h.dim, h.group()),
-        smem_bytes(h.dim),
-    )
+/// The decode kernel for `h`'s shape (C query heads per CTA) and its launch
+/// configuration: grid (splits, Hkv, ceil(g / C)), 128 threads, [`smem_bytes`] of dynamic
+/// shared memory. The kernel's arguments are those of [`run_segments`]'s launch followed
+/// by g (i32); a grid with fewer than ceil(g / C) in z leaves heads with NaN outputs.
+pub fn kernel_and_config(
+    gpu: &Gpu,
+    h: &DevHeads,
+    nsplit: usize,
+) -> GpuResult<(cudarc::driver::CudaFunction, cudarc::driver::LaunchConfig)> {
+    let (name, c) = shape::decode_kernel(h.dim, h.group())?;
+    let f = gpu.func_smem(&name, smem_bytes(h.dim))?;
+    Ok((
+        f,
+        cfg(
+            (nsplit as u32, h.hkv as u32, c.chunks as u32),
+            128,
+            smem_bytes(h.dim) as u32,
+        ),
+    ))
 }
 
 /// Decode outputs and partials on the device.
@@ -51,7 +65,9 @@ impl DevDecode {
     pub fn for_lengths(gpu: &Gpu, h: &DevHeads, lens: &[usize]) -> GpuResult<Self> {
         let total: usize = lens.iter().sum();
         let max_keys = lens.iter().copied().max().unwrap_or(1);
-        let per = total.div_ceil(TARGET_CTAS).max(1);
+        // CTAs per split: one per KV head and chunk of the group (grid.z).
+        let chunks = shape::HeadChunks::for_group(h.group())?.chunks;
+        let per = (total * chunks).div_ceil(TARGET_CTAS).max(1);
         let sk = per.div_ceil(STEP) * STEP;
         let nsplit = max_keys.div_ceil(sk).max(1);
         Ok(DevDecode {
@@ -137,7 +153,8 @@ pub fn run_segments(
             "the second decode segment needs a fixed count".into(),
         ));
     }
-    let f = kernel(gpu, h)?;
+    let (f, lc) = kernel_and_config(gpu, h, out.nsplit)?;
+    let g = h.group() as i32;
     let (null, zero) = (0u64, 0i32);
     let qs = q_stride as i64;
     let na = fixed(a.count) as i32;
@@ -161,15 +178,9 @@ pub fn run_segments(
         .arg(&sk)
         .arg(&mut out.part_o)
         .arg(&mut out.part_ml)
-        .arg(&sl2);
-    unsafe {
-        l.launch(cfg(
-            (out.nsplit as u32, h.hkv as u32, 1),
-            128,
-            smem_bytes(h.dim) as u32,
-        ))
-    }
-    .ctx("tca_decode")?;
+        .arg(&sl2)
+        .arg(&g);
+    unsafe { l.launch(lc) }.ctx("tca_decode")?;
     out.combine(gpu, h)
 }
 

@@ -12,11 +12,13 @@
 
 pub mod audit;
 pub mod backend;
+pub mod bench_io;
 pub mod decode;
 pub mod f32path;
 pub mod model;
 pub mod prefill;
 pub mod selection;
+pub mod shape;
 pub mod synth;
 
 pub use backend::{GpuAttention, GpuBackend, GpuSelectionResult};
@@ -50,10 +52,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("audit", include_str!("../../kernels/audit.cu")),
 ];
 
-/// Group sizes g = Hq / Hkv with compiled instantiations.
-pub const GROUPS: &[usize] = &[1, 2, 3, 4, 8];
-/// Head dimensions with compiled instantiations.
-pub const DIMS: &[usize] = &[64, 128];
+pub use shape::{DIMS, GROUPS};
 
 /// Errors of the GPU path; every CUDA call is checked and reported with its context.
 #[derive(Debug, thiserror::Error)]
@@ -98,37 +97,52 @@ pub fn expand_includes(src: &str) -> String {
 }
 
 /// Compiles every kernel source to PTX for `arch` (e.g. "compute_90"). `include` is a
-/// list of include directories (none is needed by the current kernels).
+/// list of include directories (none is needed by the current kernels). The sources are
+/// compiled in parallel, one thread each (NVRTC programs are independent), so the wall
+/// time is about that of the largest file.
 pub fn compile_all(arch: &'static str, include: &[String]) -> GpuResult<Vec<(&'static str, Ptx)>> {
     let load = quiet_catch(|| {
-        SOURCES
-            .iter()
-            .map(|(name, src)| {
-                let opts = CompileOptions {
-                    arch: Some(arch_for(name, arch)),
-                    include_paths: include.to_vec(),
-                    options: vec!["--std=c++17".into(), "-lineinfo".into()],
-                    ..Default::default()
-                };
-                cudarc::nvrtc::compile_ptx_with_opts(expand_includes(src), opts)
-                    .map(|p| (*name, p))
-                    .map_err(|e| GpuError::Compile {
-                        name: name.to_string(),
-                        log: match e {
-                            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                                log.to_string_lossy().into_owned()
-                            }
-                            other => format!("{other:?}"),
-                        },
-                    })
-            })
-            .collect::<GpuResult<Vec<_>>>()
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = SOURCES
+                .iter()
+                .map(|&(name, src)| scope.spawn(move || compile_one(name, src, arch, include)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<GpuResult<Vec<_>>>()
+        })
     });
     load.unwrap_or_else(|_| {
         Err(GpuError::NoDevice(
             "libnvrtc could not be loaded (set LD_LIBRARY_PATH)".into(),
         ))
     })
+}
+
+/// Compiles one kernel source to PTX.
+fn compile_one(
+    name: &'static str,
+    src: &str,
+    arch: &'static str,
+    include: &[String],
+) -> GpuResult<(&'static str, Ptx)> {
+    let opts = CompileOptions {
+        arch: Some(arch_for(name, arch)),
+        include_paths: include.to_vec(),
+        options: vec!["--std=c++17".into(), "-lineinfo".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(expand_includes(src), opts)
+        .map(|p| (name, p))
+        .map_err(|e| GpuError::Compile {
+            name: name.to_string(),
+            log: match e {
+                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                    log.to_string_lossy().into_owned()
+                }
+                other => format!("{other:?}"),
+            },
+        })
 }
 
 /// Runs `f`, turning a panic (cudarc panics when a CUDA library cannot be loaded) into
@@ -360,11 +374,7 @@ impl DevHeads {
                 "Q/K/V sizes do not match the shape".into(),
             ));
         }
-        if !DIMS.contains(&dim) || hq % hkv != 0 || !GROUPS.contains(&(hq / hkv)) {
-            return Err(GpuError::Invalid(format!(
-                "unsupported shape: d = {dim} (have {DIMS:?}), g = Hq / Hkv = {hq}/{hkv} (have {GROUPS:?})"
-            )));
-        }
+        shape::check(dim, hq, hkv)?;
         Ok(DevHeads {
             q: gpu.upload(q)?,
             k: gpu.upload(k)?,

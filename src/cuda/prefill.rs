@@ -94,6 +94,20 @@ impl DevAttention {
     }
 }
 
+impl Variant {
+    /// The kernel that runs for head dim d: the experimental wgmma kernel exists for d 64
+    /// and 128 only, so d 96 falls back to the `Mt1` (mma.sync) kernel.
+    pub fn for_dim(self, d: usize) -> Variant {
+        match self {
+            Variant::Wg(_) if !WGMMA_DIMS.contains(&d) => Variant::Mt1,
+            v => v,
+        }
+    }
+}
+
+/// Head dimensions of the wgmma kernel (kernels/attention_wgmma.cu).
+pub const WGMMA_DIMS: &[usize] = &[64, 128];
+
 fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
     gpu.func_smem(&v.kernel_name(d), v.smem_bytes(d))
 }
@@ -117,6 +131,7 @@ pub fn run_sparse_with(
     out: &mut DevAttention,
     v: Variant,
 ) -> GpuResult<()> {
+    let v = v.for_dim(h.dim);
     let f = kernel(gpu, h.dim, v)?;
     let (gcap, l, hq, hkv, w) = (
         sel.gcap as i32,
@@ -172,6 +187,7 @@ pub fn run_dense_with(
     out: &mut DevAttention,
     v: Variant,
 ) -> GpuResult<()> {
+    let v = v.for_dim(h.dim);
     let f = kernel(gpu, h.dim, v)?;
     let (l, hq, hkv) = (h.len as i32, h.hq as i32, h.hkv as i32);
     let sl2 = h.scale_log2();
@@ -209,4 +225,35 @@ pub fn run_dense_with(
     }
     .ctx("tca_prefill (dense)")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dim_has_a_prefill_kernel_and_wgmma_falls_back_at_d96() {
+        let src = [
+            include_str!("../../kernels/attention_bf16.cu"),
+            include_str!("../../kernels/attention_bf16_mt.cu"),
+            include_str!("../../kernels/attention_wgmma.cu"),
+        ];
+        for &d in super::super::DIMS {
+            for v in [Variant::Mt1, Variant::Mt2, Variant::Wg(0), Variant::Wg(3)] {
+                let run = v.for_dim(d);
+                let expect = match v {
+                    Variant::Wg(_) if d == 96 => Variant::Mt1,
+                    v => v,
+                };
+                assert_eq!(run, expect, "{v:?} at d {d}");
+                // The instantiation macro line of the chosen kernel is in its source.
+                let line = match run {
+                    Variant::Mt1 => (0, format!("PREFILL({d})")),
+                    Variant::Mt2 => (1, format!("PREFILL_MT({d}, 2)")),
+                    Variant::Wg(_) => (2, format!("PREFILL_WG({d})")),
+                };
+                assert!(src[line.0].contains(&line.1), "{}", line.1);
+            }
+        }
+    }
 }

@@ -156,9 +156,10 @@ pub fn run_select(
     let sl2 = h.scale_log2();
     rec(0)?;
     // Importance: logits and per-chunk statistics, then per-head statistics.
-    let f = gpu.func(&format!("tca_logits_d{d}_g{g}"))?;
+    let (name, chunks) = super::shape::logits_kernel(d, g)?;
+    let f = gpu.func(&name)?;
     let kpc = KPC as i32;
-    let hkv_i = hkv as i32;
+    let (hkv_i, g_i) = (hkv as i32, g as i32);
     unsafe {
         st.launch_builder(&f)
             .arg(&h.q)
@@ -169,7 +170,12 @@ pub fn run_select(
             .arg(&hkv_i)
             .arg(&kpc)
             .arg(&sl2)
-            .launch(cfg((sel.nchunk as u32, hkv as u32, 1), 128, 0))
+            .arg(&g_i)
+            .launch(cfg(
+                (sel.nchunk as u32, hkv as u32, chunks.chunks as u32),
+                128,
+                0,
+            ))
     }
     .ctx("tca_logits")?;
     let f = gpu.func("tca_softmax_stats")?;

@@ -31,8 +31,10 @@ use crate::bound::layers::regret;
 pub enum DecodeCache {
     /// Every position (exact decoding).
     Full,
-    /// TCA's S_G and window (exact attention at L <= w, where nothing is selected).
-    Compact,
+    /// TCA's S_G and window (exact attention at L <= w, where nothing is selected);
+    /// with `shadow`, each step also decodes over the full cache for the eviction regret
+    /// (a second pass and a host round trip per layer: off when timing).
+    Compact { shadow: bool },
 }
 
 /// The outcome of [`GpuModel::generate`].
@@ -96,7 +98,7 @@ impl GpuModel {
             GpuAttn::Tca { config, profile } => Some((config, profile)),
             GpuAttn::Exact => None,
         };
-        if let (DecodeCache::Compact, Some((cfg, _))) = (cache, tca) {
+        if let (DecodeCache::Compact { .. }, Some((cfg, _))) = (cache, tca) {
             if l > cfg.window && max_new > cfg.block_size {
                 return Err(GpuError::Invalid(format!(
                     "the GPU's compacted cache does not compact the window (yet): at most b = {} new tokens, {max_new} asked for",
@@ -198,7 +200,7 @@ impl GpuModel {
                 .ctx("upload the token")?;
             glue::embed(g, &self.weights.embed, &st.tok, &mut st.x, hid)?;
             let mut step_regret = Vec::new();
-            for li in 0..c.n_layers {
+            for (li, kv) in caches.iter_mut().enumerate() {
                 let lw = &self.weights.layers[li];
                 glue::rmsnorm(g, &st.x, &lw.attn_norm, &mut st.xn, (1, hid), c.rms_eps)?;
                 self.blas.linear(
@@ -209,7 +211,6 @@ impl GpuModel {
                     0.0,
                     "Q|K|V",
                 )?;
-                let kv = &mut caches[li];
                 glue::rope_split(
                     g,
                     &st.qkv,
@@ -229,7 +230,7 @@ impl GpuModel {
                 };
                 st.dec.poison(g)?;
                 match (cache, w.sels[li].as_ref()) {
-                    (DecodeCache::Compact, Some(sel)) => {
+                    (DecodeCache::Compact { shadow }, Some(sel)) => {
                         let global = Segment {
                             k: sel.gk.slice(..),
                             v: sel.gv.slice(..),
@@ -245,17 +246,19 @@ impl GpuModel {
                         };
                         let qv = st.q.slice(..);
                         run_segments(g, &st.shape, qv, d, &global, Some(&window), &mut st.dec)?;
-                        st.shadow.poison(g)?;
-                        let qv = st.q.slice(..);
-                        run_segments(g, &st.shape, qv, d, &full, None, &mut st.shadow)?;
-                        let lc = g.download(&st.dec.lse)?;
-                        let lf = g.download(&st.shadow.lse)?;
-                        step_regret.push(regret(&lc, &lf));
+                        if shadow {
+                            st.shadow.poison(g)?;
+                            let qv = st.q.slice(..);
+                            run_segments(g, &st.shape, qv, d, &full, None, &mut st.shadow)?;
+                            let lc = g.download(&st.dec.lse)?;
+                            let lf = g.download(&st.shadow.lse)?;
+                            step_regret.push(regret(&lc, &lf));
+                        }
                     }
                     _ => {
                         let qv = st.q.slice(..);
                         run_segments(g, &st.shape, qv, d, &full, None, &mut st.dec)?;
-                        if cache == DecodeCache::Compact && tca.is_some() {
+                        if matches!(cache, DecodeCache::Compact { shadow: true }) && tca.is_some() {
                             step_regret.push(vec![0.0; hq]);
                         }
                     }
