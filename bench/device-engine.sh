@@ -16,33 +16,8 @@
 #                     PyTorch SDPA (cuDNN, flash) on the captured real Q/K/V
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-STAGE=${STAGE:-/var/tmp/tca-model}
-OUT=${OUT:-/tmp/tca-out}
-mkdir -p "$STAGE" "$OUT"
-for d in "$HERE"/.devrun/m1 "$HERE"/.devrun/m2 "$HERE"/.devrun/m3 "$HERE"/.devrun/bin; do
-  [ -d "$d" ] && cp -r "$d"/* "$STAGE"/
-done
 PHASE=${1:-checks}
-if [ "$PHASE" = stage ]; then ls -la "$STAGE"; exit 0; fi
-GGUF=$STAGE/model.gguf
-if [ ! -f "$GGUF" ]; then
-  for p in 0 1 2; do
-    [ -f "$STAGE/gguf.part$p" ] || { echo "missing $STAGE/gguf.part$p: stage again"; exit 3; }
-  done
-  cat "$STAGE"/gguf.part0 "$STAGE"/gguf.part1 "$STAGE"/gguf.part2 > "$GGUF"
-fi
-[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat "$STAGE/gguf.sha256")" ] || { echo "GGUF checksum mismatch"; rm -f "$GGUF"; exit 3; }
-for b in tca tca-gpu-model; do
-  if [ -f "$STAGE/$b.xz" ] && [ "$STAGE/$b.xz" -nt "$STAGE/$b" -o ! -x "$STAGE/$b" ]; then
-    xz -dkf "$STAGE/$b.xz" && chmod +x "$STAGE/$b" && touch "$STAGE/$b"
-  fi
-  [ -x "$STAGE/$b" ] || { echo "no $b"; exit 3; }
-done
-TCA=$STAGE/tca
-export TCA_CUDA_INCLUDE=/usr/local/cuda/include
-for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
+. "$HERE/bench/device-stage.sh"
 export TCA_CACHE=$STAGE
 P=$HERE/docs/quality/profiles
 PROFILES=$P/tau0.5.json,$P/tau0.7.json,$P/tau0.8.json,$P/tau0.9.json,$P/tau0.95.json

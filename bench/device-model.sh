@@ -11,30 +11,7 @@
 # compute-sanitizer memcheck of short GPU forwards (exact and TCA) where it exists.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-STAGE=${STAGE:-/var/tmp/tca-model}
-OUT=${OUT:-/tmp/tca-out}
-mkdir -p "$STAGE" "$OUT"
-for d in "$HERE"/.devrun/m1 "$HERE"/.devrun/m2 "$HERE"/.devrun/m3; do
-  [ -d "$d" ] && cp "$d"/* "$STAGE"/
-done
-if [ "${1:-}" = stage ]; then ls -la "$STAGE"; exit 0; fi
-
-GGUF=$STAGE/model.gguf
-if [ ! -f "$GGUF" ]; then
-  for p in 0 1 2; do
-    [ -f "$STAGE/gguf.part$p" ] || { echo "missing $STAGE/gguf.part$p: the staging calls did not reach this machine (run them again, each within the warm window)"; exit 3; }
-  done
-  cat "$STAGE"/gguf.part0 "$STAGE"/gguf.part1 "$STAGE"/gguf.part2 > "$GGUF"
-fi
-[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat "$STAGE/gguf.sha256")" ] || { echo "GGUF checksum mismatch"; rm -f "$GGUF"; exit 3; }
-for b in tca tca-gpu-model; do
-  [ -x "$STAGE/$b" ] || { xz -dkf "$STAGE/$b.xz" && chmod +x "$STAGE/$b"; } || { echo "no $b"; exit 3; }
-done
-TCA=$STAGE/tca
-export TCA_CUDA_INCLUDE=/usr/local/cuda/include
-for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
+. "$HERE/bench/device-stage.sh"
 PROFILE=$HERE/docs/quality/profile_tau0.9.json
 N=${N:-2048}             # tokens of the checks
 CAP=${CAP:-8192}         # tokens of the capture comparison

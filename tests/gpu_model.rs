@@ -256,3 +256,72 @@ fn perplexity_cli_on_the_cuda_backend() {
     .to_string();
     assert!(e.contains("CPU only"), "{e}");
 }
+
+#[test]
+fn gpu_generation_and_the_layer_audit() {
+    use tca::cuda::model::audit::{AuditOptions, LayerAuditor};
+    use tca::cuda::model::generate::DecodeCache;
+    let Some(m) = model() else { return };
+    let Some(g) = gpu_model(m) else { return };
+    let all = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
+        .unwrap();
+    let prompt = &all[..300];
+    // Exact greedy decoding equals the CPU's.
+    let cpu = m
+        .llama
+        .generate_greedy(prompt, 6, &Exact::default(), None)
+        .unwrap();
+    let gpu = g
+        .generate(prompt, 6, GpuAttn::Exact, DecodeCache::Full, None)
+        .unwrap();
+    assert_eq!(gpu.tokens, cpu);
+    assert!(gpu.regret.is_empty());
+    // TCA with the compacted cache and its shadow: regret per step, layer and head.
+    let cfg = Config {
+        block_size: 16,
+        window: 32,
+        tau: 0.9,
+        ..Config::default()
+    };
+    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let attn = GpuAttn::Tca {
+        config: &cfg,
+        profile: &prof,
+    };
+    let c = g
+        .generate(prompt, 6, attn, DecodeCache::Compact { shadow: true }, None)
+        .unwrap();
+    assert_eq!(c.regret.len(), c.tokens.len() - 1);
+    let n = m.llama.config.n_layers * m.llama.config.n_heads;
+    for step in &c.regret {
+        assert_eq!(step.iter().map(|l| l.len()).sum::<usize>(), n);
+        assert!(step.iter().flatten().all(|r| (0.0..=1.0).contains(r)));
+    }
+    assert!(g
+        .generate(
+            prompt,
+            17,
+            attn,
+            DecodeCache::Compact { shadow: false },
+            None
+        )
+        .is_err());
+    // Every layer audited: no violation of the true readings, gamma as the oracle's.
+    let mut a = LayerAuditor::new(AuditOptions {
+        tau: cfg.tau,
+        oracle_rows: 512,
+        seed: 3,
+    });
+    g.score(prompt, attn, 1, false, Some(&mut a)).unwrap();
+    assert_eq!(a.rows.len(), n);
+    for r in &a.rows {
+        assert_eq!(r.oracle_true_violations, 0, "{r:?}");
+        assert!(r.readings[..3].iter().all(|x| x.1 == 0), "{r:?}");
+        assert!(r.oracle_max_gamma_diff < 1e-2, "{r:?}");
+    }
+}

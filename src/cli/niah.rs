@@ -359,6 +359,10 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
             seeds.len()
         )));
     }
+    let engine = match a.backend {
+        BackendKind::Cuda => Some(Engine::open(&model)?),
+        BackendKind::Cpu => None,
+    };
     let profiles = if kinds
         .iter()
         .chain(&long_kinds)
@@ -367,10 +371,6 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
         a.calibration.profiles(&model, &cfg, &taus)?
     } else {
         Vec::new()
-    };
-    let engine = match a.backend {
-        BackendKind::Cuda => Some(Engine::open(&model)?),
-        BackendKind::Cpu => None,
     };
     let backend = match &engine {
         Some(e) => format!("cuda ({})", e.device()),

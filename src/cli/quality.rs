@@ -156,6 +156,10 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
             all.len()
         )));
     }
+    let engine = match a.backend {
+        BackendKind::Cuda => Some(Engine::open(&model)?),
+        BackendKind::Cpu => None,
+    };
     let t0 = Instant::now();
     let profiles = a.calibration.profiles(&model, &cfg, &taus)?;
     let calib_s = t0.elapsed().as_secs_f64();
@@ -166,10 +170,6 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
         cfg.window,
         cfg.criterion
     );
-    let engine = match a.backend {
-        BackendKind::Cuda => Some(Engine::open(&model)?),
-        BackendKind::Cpu => None,
-    };
     let backend = match &engine {
         Some(e) => format!("cuda ({})", e.device()),
         None => "cpu".to_string(),
@@ -412,12 +412,12 @@ fn run_quality_heads_gpu(a: QualityHeadsArgs) -> Result<()> {
         )));
     }
     tokens.truncate(n);
+    let engine = Engine::open(&model)?;
     let profile = a
         .calibration
         .profiles(&model, &cfg, &[cfg.tau])?
         .pop()
         .ok_or_else(|| TcaError::Invalid("no profile".into()))?;
-    let engine = Engine::open(&model)?;
     let rope = format!("{:?}", model.llama.config.rope_scaling);
     let t0 = Instant::now();
     let (score, rows, keep, audit_s) =

@@ -1,13 +1,16 @@
-//! Fig. 5 on the real model: SmolLM2's perplexity change and top-1 agreement with exact
-//! attention across tau at 2K, 4K and 8K tokens, with the keep fraction each tau gives,
-//! needle-in-a-haystack accuracy per policy at tau = 0.9, and NIAH accuracy of TCA
-//! against tau. Drawn from the tables that `tca quality-ppl` and `tca quality-niah`
-//! measured (docs/quality/ppl.csv and niah.csv; the commands are in docs/quality.md):
-//! the whole grid takes almost two hours on two cores, too long for
-//! `tca reproduce`.
+//! Fig. 5 on the real model, measured on the H200 (`--backend cuda`): SmolLM2's
+//! perplexity change, top-1 agreement with exact attention and keep fraction across tau
+//! at 2K-32K tokens (16K with YaRN x2, 32K with YaRN x4), and needle-in-a-haystack
+//! accuracy (single needle and RULER's multi-key variant) against length with Wilson
+//! 95 % intervals, for exact attention and TCA with its compacted cache and with full
+//! decoding; and the per-layer audit (`layer_audit`): mean gamma, the share of queries
+//! with gamma > 1 - tau and the eviction regret of each layer at 8K-128K. Drawn from the
+//! tables the commands wrote (docs/quality/gpu; commands and device time in
+//! docs/quality.md): the grid needs the GPU, so `tca reproduce` redraws, it does not
+//! re-measure.
 
-use super::plot::{bar_panel, de, font, line_panel, render, Axes, DrawResult, Figure, Series};
-use super::table::{f64s, pe, strs, write};
+use super::plot::{font, line_panel, render, Axes, DrawResult, Figure, Series};
+use super::table::{f64s, pe, strs, Table, Val};
 use super::Context;
 use crate::error::{Result, TcaError};
 use plotters::coord::Shift;
@@ -17,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 /// Where the measured quality tables live, relative to the repository root.
 pub const QUALITY_DIR: &str = "docs/quality";
+/// The GPU grid's tables under it.
+pub const GPU_DIR: &str = "docs/quality/gpu";
 
 fn read(path: &Path) -> Result<DataFrame> {
     if !path.exists() {
@@ -32,212 +37,416 @@ fn read(path: &Path) -> Result<DataFrame> {
         .map_err(pe(path))
 }
 
+/// Rows of several tables of one schema, as columns by name.
+struct Rows {
+    f: std::collections::HashMap<String, Vec<f64>>,
+    s: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl Rows {
+    fn read(paths: &[PathBuf], fcols: &[&str], scols: &[&str]) -> Result<Rows> {
+        let mut r = Rows {
+            f: Default::default(),
+            s: Default::default(),
+        };
+        for p in paths {
+            let df = read(p)?;
+            for c in fcols {
+                r.f.entry(c.to_string()).or_default().extend(f64s(&df, c)?);
+            }
+            for c in scols {
+                r.s.entry(c.to_string()).or_default().extend(strs(&df, c)?);
+            }
+        }
+        Ok(r)
+    }
+    fn f(&self, c: &str) -> &[f64] {
+        self.f.get(c).map_or(&[], |v| v)
+    }
+    fn s(&self, c: &str) -> &[String] {
+        self.s.get(c).map_or(&[], |v| v)
+    }
+    fn len(&self) -> usize {
+        self.f.values().next().map_or(0, |v| v.len())
+    }
+}
+
+fn sorted_unique(v: &[f64]) -> Vec<f64> {
+    let mut u: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    u.sort_by(f64::total_cmp);
+    u.dedup();
+    u
+}
+
+struct Panel {
+    title: String,
+    x: String,
+    y: String,
+    series: Vec<Series>,
+    axes: Axes,
+}
+
 struct Fig {
     title: String,
-    lines: Vec<(String, String, Vec<Series>)>,
-    niah: (Vec<String>, Vec<(String, Vec<f64>)>),
-    niah_tau: Vec<Series>,
+    grid: (usize, usize),
+    panels: Vec<Panel>,
 }
 
 impl Figure for Fig {
     fn size(&self) -> (u32, u32) {
-        (2300, 560)
+        (460 * self.grid.1 as u32, 470 * self.grid.0 as u32 + 40)
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
-        let root = root.titled(&self.title, font(16)).map_err(de)?;
-        let p = root.split_evenly((1, 5));
-        for (n, (area, (t, y, s))) in p.iter().zip(&self.lines).enumerate() {
-            let axes = Axes {
-                legend: (n == 0).then_some(SeriesLabelPosition::UpperRight),
-                ..Axes::default()
-            };
-            line_panel(area, t, "tau", y, s, &axes)?;
+        let root = root
+            .titled(&self.title, font(16))
+            .map_err(super::plot::de)?;
+        for (area, p) in root.split_evenly(self.grid).iter().zip(&self.panels) {
+            line_panel(area, &p.title, &p.x, &p.y, &p.series, &p.axes)?;
         }
-        bar_panel(
-            &p[3],
-            "needle in a haystack at tau 0.9",
-            "fraction of depths answered",
-            &self.niah.0,
-            &self.niah.1,
-            (0.0, 1.5),
-            Some(SeriesLabelPosition::UpperRight),
-        )?;
-        let axes = Axes {
-            legend: Some(SeriesLabelPosition::MiddleLeft),
-            ..Axes::default()
-        };
-        line_panel(
-            &p[4],
-            "NIAH vs tau: TCA prefill + full decode (solid), TCA cache (dashed)",
-            "tau",
-            "fraction of depths answered",
-            &self.niah_tau,
-            &axes,
-        )
+        Ok(())
     }
 }
 
-/// Writes `fig5_model` (figure and the combined perplexity table).
+fn lens_label(l: f64) -> String {
+    format!("{}K", (l / 1024.0).round() as usize)
+}
+
+/// `fig5_model` (perplexity and NIAH grid) and `layer_audit`, with their tables.
 pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
-    let dir = Path::new(QUALITY_DIR);
-    let frames = vec![read(&dir.join("ppl.csv"))?.lazy()];
-    let stem = ctx.stem("fig5_model");
-    // Exact rows give the reference perplexity per length; TCA rows vs tau.
-    let all = concat(frames, UnionArgs::default())
-        .and_then(|df| df.unique_stable(None, UniqueKeepStrategy::First).collect())
-        .map_err(pe(&stem))?;
-    let exact = all
-        .clone()
-        .lazy()
-        .filter(col("attention").eq(lit("exact")))
-        .group_by_stable([col("length")])
-        .agg([col("perplexity").first().alias("exact_perplexity")])
-        .collect()
-        .map_err(pe(&stem))?;
-    let mut tca = all
-        .lazy()
-        .filter(col("attention").eq(lit("tca")))
-        .join(
-            exact.lazy(),
-            [col("length")],
-            [col("length")],
-            JoinArgs::new(JoinType::Inner),
-        )
-        .with_column(
-            ((col("perplexity") / col("exact_perplexity") - lit(1.0)) * lit(100.0))
-                .alias("ppl_change_pct"),
-        )
-        .sort(["length", "tau"], SortMultipleOptions::default())
-        .collect()
-        .map_err(pe(&stem))?;
-    let mut files = write(&stem, &mut tca)?;
-    let (len, tau) = (f64s(&tca, "length")?, f64s(&tca, "tau")?);
-    let series = |metric: &str| -> Result<Vec<Series>> {
-        let y = f64s(&tca, metric)?;
-        let mut ls: Vec<f64> = len.clone();
-        ls.dedup();
-        Ok(ls
+    let dir = Path::new(GPU_DIR);
+    let mut files = Vec::new();
+    // Perplexity: exact per length, TCA per (length, tau).
+    let ppl = Rows::read(
+        &["ppl_none", "ppl_yarn2", "ppl_yarn4"].map(|d| dir.join(d).join("ppl.csv")),
+        &[
+            "length",
+            "tau",
+            "keep_fraction",
+            "perplexity",
+            "top1_agreement_exact",
+        ],
+        &["attention", "rope_scaling"],
+    )?;
+    let (len, tau, att) = (ppl.f("length"), ppl.f("tau"), ppl.s("attention"));
+    let lengths = sorted_unique(len);
+    let exact_ppl = |l: f64| {
+        (0..ppl.len())
+            .find(|&i| len[i] == l && att[i] == "exact")
+            .map_or(f64::NAN, |i| ppl.f("perplexity")[i])
+    };
+    let mut table = Table::default();
+    let per_len = |f: &dyn Fn(usize) -> f64| -> Vec<Series> {
+        lengths
             .iter()
             .map(|&l| Series {
-                name: format!("{} tokens", l as usize),
-                points: (0..len.len())
-                    .filter(|&i| len[i] == l)
-                    .map(|i| (tau[i], y[i]))
+                name: lens_label(l),
+                points: (0..ppl.len())
+                    .filter(|&i| len[i] == l && att[i] == "tca")
+                    .map(|i| (tau[i], f(i)))
                     .collect(),
                 dashed: false,
             })
-            .collect())
-    };
-    // NIAH: every policy at tau 0.9 (exact has no tau), and TCA across tau.
-    let niah_path = dir.join("niah.csv");
-    let niah_all = read(&niah_path)?;
-    let niah = niah_all
-        .clone()
-        .lazy()
-        .filter(col("tau").is_nan().or(col("tau").eq(lit(0.9))))
-        .collect()
-        .map_err(pe(&niah_path))?;
-    let by_tau = super::table::mean_by(
-        niah_all
-            .lazy()
-            .filter(
-                col("attention")
-                    .eq(lit("tca"))
-                    .or(col("attention").eq(lit("tca_prefill_full_decode"))),
-            )
             .collect()
-            .map_err(pe(&niah_path))?,
-        &["length", "attention", "tau"],
-        &["correct"],
-    )
-    .map_err(pe(&niah_path))?;
-    let (tl, ta, tt, tc) = (
-        f64s(&by_tau, "length")?,
-        strs(&by_tau, "attention")?,
-        f64s(&by_tau, "tau")?,
-        f64s(&by_tau, "correct")?,
-    );
-    // Solid: TCA prefill + full-cache decode, one line per length. Dashed: TCA with its
-    // compacted cache, averaged over the lengths (1-3 of 5 everywhere; one line keeps
-    // the panel readable).
-    let mut niah_tau = Vec::new();
-    let mut tls = tl.clone();
-    tls.sort_by(f64::total_cmp);
-    tls.dedup();
-    for &l in &tls {
-        let mut points: Vec<(f64, f64)> = (0..tl.len())
-            .filter(|&i| tl[i] == l && ta[i] == "tca_prefill_full_decode")
-            .map(|i| (tt[i], tc[i]))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        if points.len() > 1 {
-            niah_tau.push(Series {
-                name: format!("{} tokens", l as usize),
-                points,
-                dashed: false,
-            });
-        }
+    };
+    let change = |i: usize| 100.0 * (ppl.f("perplexity")[i] / exact_ppl(len[i]) - 1.0);
+    let s_change = per_len(&change);
+    let s_agree = per_len(&|i| ppl.f("top1_agreement_exact")[i]);
+    let s_keep = per_len(&|i| ppl.f("keep_fraction")[i]);
+    for i in (0..ppl.len()).filter(|&i| att[i] == "tca") {
+        table.push(vec![
+            ("length", Val::U(len[i] as u64)),
+            ("rope_scaling", Val::S(ppl.s("rope_scaling")[i].clone())),
+            ("tau", Val::F(tau[i])),
+            ("keep_fraction", Val::F(ppl.f("keep_fraction")[i])),
+            ("exact_perplexity", Val::F(exact_ppl(len[i]))),
+            ("perplexity", Val::F(ppl.f("perplexity")[i])),
+            ("ppl_change_pct", Val::F(change(i))),
+            (
+                "top1_agreement_exact",
+                Val::F(ppl.f("top1_agreement_exact")[i]),
+            ),
+        ])?;
     }
-    let mut taus: Vec<f64> = tt.clone();
-    taus.sort_by(f64::total_cmp);
-    taus.dedup();
-    let cache: Vec<(f64, f64)> = taus
-        .iter()
-        .map(|&t| {
-            let v: Vec<f64> = (0..tl.len())
-                .filter(|&i| tt[i] == t && ta[i] == "tca")
-                .map(|i| tc[i])
-                .collect();
-            (t, v.iter().sum::<f64>() / v.len().max(1) as f64)
-        })
-        .collect();
-    niah_tau.push(Series {
-        name: "TCA cache, mean over lengths".into(),
-        points: cache,
-        dashed: true,
-    });
-    let agg =
-        super::table::mean_by(niah, &["length", "attention"], &["correct"]).map_err(pe(&stem))?;
-    let (nl, na, nc) = (
-        f64s(&agg, "length")?,
-        strs(&agg, "attention")?,
-        f64s(&agg, "correct")?,
-    );
-    let mut lengths: Vec<f64> = nl.clone();
-    lengths.sort_by(f64::total_cmp);
-    lengths.dedup();
-    let mut policies: Vec<String> = Vec::new();
-    for a in &na {
-        if !policies.contains(a) {
-            policies.push(a.clone());
-        }
+    let stem = ctx.stem("fig5_model");
+    table.write(&stem)?;
+    files.extend([stem.with_extension("parquet"), stem.with_extension("csv")]);
+    // NIAH: accuracy with Wilson intervals per (task, length, attention) at tau 0.9.
+    let niah = Rows::read(
+        &["niah_2k_8k", "niah_16k", "niah_32k"].map(|d| dir.join(d).join("niah_summary.csv")),
+        &[
+            "length",
+            "tau",
+            "cases",
+            "correct",
+            "accuracy",
+            "wilson95_lo",
+            "wilson95_hi",
+            "mean_decode_regret",
+        ],
+        &["task", "attention"],
+    )?;
+    let mut ntab = Table::default();
+    for i in 0..niah.len() {
+        ntab.push(vec![
+            ("task", Val::S(niah.s("task")[i].clone())),
+            ("length", Val::U(niah.f("length")[i] as u64)),
+            ("attention", Val::S(niah.s("attention")[i].clone())),
+            ("tau", Val::F(niah.f("tau")[i])),
+            ("cases", Val::U(niah.f("cases")[i] as u64)),
+            ("correct", Val::U(niah.f("correct")[i] as u64)),
+            ("accuracy", Val::F(niah.f("accuracy")[i])),
+            ("wilson95_lo", Val::F(niah.f("wilson95_lo")[i])),
+            ("wilson95_hi", Val::F(niah.f("wilson95_hi")[i])),
+            (
+                "mean_decode_regret",
+                Val::F(niah.f("mean_decode_regret")[i]),
+            ),
+        ])?;
     }
-    let bars = policies
-        .iter()
-        .map(|p| {
-            let v = lengths
-                .iter()
-                .map(|&l| {
-                    (0..nl.len())
-                        .find(|&i| nl[i] == l && &na[i] == p)
-                        .map_or(f64::NAN, |i| nc[i])
+    let nstem = ctx.stem("fig5_model_niah");
+    ntab.write(&nstem)?;
+    files.extend([nstem.with_extension("parquet"), nstem.with_extension("csv")]);
+    let niah_panel = |task: &str, t: f64| -> Panel {
+        let mut series = Vec::new();
+        let mut intervals = Vec::new();
+        for (a, name) in [
+            ("exact", "exact"),
+            ("tca_prefill_full_decode", "TCA prefill, full decode"),
+            ("tca", "TCA, compacted cache"),
+        ] {
+            let rows: Vec<usize> = (0..niah.len())
+                .filter(|&i| {
+                    niah.s("task")[i] == task
+                        && niah.s("attention")[i] == a
+                        && (a == "exact" || niah.f("tau")[i] == t)
                 })
                 .collect();
-            (p.clone(), v)
-        })
+            series.push(Series {
+                name: name.into(),
+                points: rows
+                    .iter()
+                    .map(|&i| (niah.f("length")[i], niah.f("accuracy")[i]))
+                    .collect(),
+                dashed: a == "tca",
+            });
+            intervals.push(
+                rows.iter()
+                    .map(|&i| {
+                        (
+                            niah.f("length")[i],
+                            niah.f("wilson95_lo")[i],
+                            niah.f("wilson95_hi")[i],
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        let n = (0..niah.len())
+            .find(|&i| niah.s("task")[i] == task)
+            .map_or(0.0, |i| niah.f("cases")[i]);
+        Panel {
+            title: format!("{task} at tau {t} ({n} cases per point, Wilson 95 %)"),
+            x: "tokens".into(),
+            y: "accuracy".into(),
+            series,
+            axes: Axes {
+                logx: true,
+                ylim: Some((0.0, 1.02)),
+                legend: Some(SeriesLabelPosition::UpperRight),
+                intervals,
+                ..Axes::default()
+            },
+        }
+    };
+    let fig = Fig {
+        title: "Fig. 5 on SmolLM2-135M-Instruct, measured on the H200 (b 64, w 256, column criterion; 16K with YaRN x2, 32K with YaRN x4; tca quality-ppl / quality-niah --backend cuda)".into(),
+        grid: (2, 3),
+        panels: vec![
+            Panel { title: "perplexity change vs exact".into(), x: "tau".into(), y: "%".into(), series: s_change, axes: Axes { legend: Some(SeriesLabelPosition::UpperRight), ..Axes::default() } },
+            Panel { title: "top-1 agreement with exact".into(), x: "tau".into(), y: "fraction of positions".into(), series: s_agree, axes: Axes::default() },
+            Panel { title: "keep fraction".into(), x: "tau".into(), y: "mean |S_i| / (i + 1)".into(), series: s_keep, axes: Axes::default() },
+            niah_panel("niah", 0.9),
+            niah_panel("niah", 0.95),
+            niah_panel("mk_niah", 0.9),
+        ],
+    };
+    files.extend(render(&stem, &fig)?);
+    files.extend(layer_audit(ctx, dir)?);
+    Ok(files)
+}
+
+/// `layer_audit`: per layer, mean gamma, share of queries with gamma > 1 - tau and
+/// eviction regret against L (docs/quality/gpu/audit, `tca quality-heads --backend cuda`).
+fn layer_audit(ctx: &Context, dir: &Path) -> Result<Vec<PathBuf>> {
+    let a = dir.join("audit");
+    let mut layers: Vec<PathBuf> = Vec::new();
+    let mut regrets: Vec<PathBuf> = Vec::new();
+    let entries = std::fs::read_dir(&a).map_err(|e| TcaError::io(&a, e))?;
+    for e in entries {
+        let p = e.map_err(|e| TcaError::io(&a, e))?.path();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".csv") && name.starts_with("layers_L") {
+            layers.push(p);
+        } else if name.ends_with(".csv") && name.starts_with("regret_L") {
+            regrets.push(p);
+        }
+    }
+    layers.sort();
+    regrets.sort();
+    if layers.is_empty() {
+        return Err(TcaError::Format {
+            path: a,
+            msg: "no layers_L*.csv (tca quality-heads --backend cuda)".into(),
+        });
+    }
+    let lr = Rows::read(
+        &layers,
+        &[
+            "length",
+            "layer",
+            "mean_gamma",
+            "frac_gamma_above_1_minus_tau",
+            "keep_fraction",
+            "queries",
+            "linf_entrymax_violations",
+            "l1_induced_violations",
+            "l2_diameter_violations",
+            "l1_entrymax_violations",
+            "linf_entrymax_measured",
+            "oracle_rows",
+            "oracle_true_violations",
+        ],
+        &[],
+    )?;
+    let rr = Rows::read(&regrets, &["length", "layer", "mean_regret"], &[])?;
+    let lens = sorted_unique(lr.f("length"));
+    let nl = sorted_unique(lr.f("layer"));
+    let mut table = Table::default();
+    let mean_of = |rows: &Rows, col: &str, l: f64, layer: f64| -> f64 {
+        let (len, lay) = (rows.f("length"), rows.f("layer"));
+        let v: Vec<f64> = (0..rows.len())
+            .filter(|&i| len[i] == l && lay[i] == layer)
+            .map(|i| rows.f(col)[i])
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let sum_of = |col: &str, l: f64, layer: f64| -> f64 {
+        (0..lr.len())
+            .filter(|&i| lr.f("length")[i] == l && lr.f("layer")[i] == layer)
+            .map(|i| lr.f(col)[i])
+            .sum()
+    };
+    // Regret was measured after the first L - 32 tokens: matched to the audit's L.
+    let rlens = sorted_unique(rr.f("length"));
+    let regret_at = |l: f64, layer: f64| -> f64 {
+        match rlens.iter().find(|&&r| r <= l && l - r < 1024.0) {
+            Some(&r) => mean_of(&rr, "mean_regret", r, layer),
+            None => f64::NAN,
+        }
+    };
+    for &l in &lens {
+        for &layer in &nl {
+            table.push(vec![
+                ("length", Val::U(l as u64)),
+                ("layer", Val::U(layer as u64)),
+                ("mean_gamma", Val::F(mean_of(&lr, "mean_gamma", l, layer))),
+                (
+                    "frac_gamma_above_1_minus_tau",
+                    Val::F(mean_of(&lr, "frac_gamma_above_1_minus_tau", l, layer)),
+                ),
+                (
+                    "keep_fraction",
+                    Val::F(mean_of(&lr, "keep_fraction", l, layer)),
+                ),
+                ("mean_regret", Val::F(regret_at(l, layer))),
+                (
+                    "queries_x_heads",
+                    Val::U(sum_of("queries", l, layer) as u64),
+                ),
+                (
+                    "true_reading_violations",
+                    Val::U(
+                        (sum_of("linf_entrymax_violations", l, layer)
+                            + sum_of("l1_induced_violations", l, layer)
+                            + sum_of("l2_diameter_violations", l, layer))
+                            as u64,
+                    ),
+                ),
+                (
+                    "l1_entrymax_violations",
+                    Val::U(sum_of("l1_entrymax_violations", l, layer) as u64),
+                ),
+                (
+                    "oracle_rows",
+                    Val::U(sum_of("oracle_rows", l, layer) as u64),
+                ),
+                (
+                    "oracle_true_violations",
+                    Val::U(sum_of("oracle_true_violations", l, layer) as u64),
+                ),
+            ])?;
+        }
+    }
+    let stem = ctx.stem("layer_audit");
+    table.write(&stem)?;
+    let mut files = vec![stem.with_extension("parquet"), stem.with_extension("csv")];
+    // Every fifth layer, the last, and the layer of the largest regret at the longest L.
+    let lmax = lens.last().copied().unwrap_or(0.0);
+    let worst = nl
+        .iter()
+        .copied()
+        .max_by(|&a, &b| regret_at(lmax, a).total_cmp(&regret_at(lmax, b)));
+    let shown: Vec<f64> = nl
+        .iter()
+        .copied()
+        .filter(|&x| (x as usize) % 5 == 0 || x as usize == nl.len() - 1 || Some(x) == worst)
         .collect();
-    files.extend(render(
-        &stem,
-        &Fig {
-            title: "Fig. 5 on SmolLM2-135M-Instruct (Pride and Prejudice; b 64, w 256, column criterion, calibrated on another passage), measured by tca quality-ppl / quality-niah".into(),
-            lines: vec![
-                ("perplexity change vs exact".into(), "perplexity change (%)".into(), series("ppl_change_pct")?),
-                ("top-1 agreement with exact".into(), "fraction of positions".into(), series("top1_agreement_exact")?),
-                ("keep fraction".into(), "mean |S_i| / (i + 1)".into(), series("keep_fraction")?),
-            ],
-            niah: (lengths.iter().map(|l| format!("{} tokens", *l as usize)).collect(), bars),
-            niah_tau,
-        },
-    )?);
+    let series = |f: &dyn Fn(f64, f64) -> f64| -> Vec<Series> {
+        let mut s: Vec<Series> = shown
+            .iter()
+            .map(|&layer| Series {
+                name: format!("layer {}", layer as usize),
+                points: lens
+                    .iter()
+                    .map(|&l| (l, f(l, layer)))
+                    .filter(|p| p.1.is_finite())
+                    .collect(),
+                dashed: false,
+            })
+            .collect();
+        s.push(Series {
+            name: "mean over all 30 layers".into(),
+            points: lens
+                .iter()
+                .map(|&l| {
+                    (
+                        l,
+                        nl.iter().map(|&y| f(l, y)).sum::<f64>() / nl.len() as f64,
+                    )
+                })
+                .filter(|p| p.1.is_finite())
+                .collect(),
+            dashed: true,
+        });
+        s
+    };
+    let ax = |legend: bool| Axes {
+        logx: true,
+        legend: legend.then_some(SeriesLabelPosition::UpperLeft),
+        ..Axes::default()
+    };
+    let fig = Fig {
+        title: "Every layer of SmolLM2 audited in a TCA forward on the H200 (tau 0.9, b 64, w 256; 8K native, 32K/64K/128K with YaRN x4/x8/x16; tca quality-heads --backend cuda)".into(),
+        grid: (1, 3),
+        panels: vec![
+            Panel { title: "mean omitted mass gamma per layer".into(), x: "tokens".into(), y: "mean gamma".into(), series: series(&|l, y| mean_of(&lr, "mean_gamma", l, y)), axes: ax(true) },
+            Panel { title: "share of queries with gamma > 1 - tau".into(), x: "tokens".into(), y: "fraction of queries".into(), series: series(&|l, y| mean_of(&lr, "frac_gamma_above_1_minus_tau", l, y)), axes: ax(false) },
+            Panel { title: "eviction regret of compact decoding (32 steps; 16 at 8K)".into(), x: "tokens".into(), y: "mass on evicted keys".into(), series: series(&regret_at), axes: ax(false) },
+        ],
+    };
+    files.extend(render(&stem, &fig)?);
     Ok(files)
 }

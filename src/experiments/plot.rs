@@ -150,6 +150,8 @@ pub struct Axes {
     pub legend: Option<SeriesLabelPosition>,
     /// With a log y axis, values below this are drawn at it (say so in the title).
     pub floor: Option<f64>,
+    /// Per series (by index), vertical intervals (x, lo, hi) drawn in its colour.
+    pub intervals: Vec<Vec<(f64, f64, f64)>>,
 }
 
 /// A line chart panel with markers (for short series), legend and axis labels.
@@ -222,6 +224,20 @@ pub fn line_panel<DB: DrawingBackend>(
                     .map_err(de)?
                     .label(s.name.clone())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                if let Some(iv) = axes.intervals.get(i) {
+                    let thin = ShapeStyle::from(&c).stroke_width(1);
+                    chart
+                        .draw_series(iv.iter().filter(|p| !logx || p.0 > 0.0).map(
+                            |&(x, lo, hi)| {
+                                let x = x.clamp(xs.0, xs.1);
+                                PathElement::new(
+                                    vec![(x, lo.clamp(ys.0, ys.1)), (x, hi.clamp(ys.0, ys.1))],
+                                    thin,
+                                )
+                            },
+                        ))
+                        .map_err(de)?;
+                }
                 if pts.len() > 40 {
                     continue;
                 }
