@@ -184,6 +184,8 @@ fn smollm2_export_runs_like_the_gguf() {
         })
         .unwrap();
         run_calibrate_model(CalibrateModelArgs {
+            rope: Default::default(),
+            backend: tca::backend::BackendKind::Cpu,
             config: Some(cfgfile.clone()),
             text: None,
             offset: 30_000,

@@ -555,3 +555,23 @@ fn rope_scaling_extends_the_context_and_changes_the_forward() {
     assert_eq!(a.perplexity(), c.perplexity());
     assert!(scaled.rescale_rope("yarn:0.5").is_err());
 }
+
+#[test]
+fn calibration_from_a_capture_equals_calibration_in_the_forward() {
+    use tca::model::sparse::calibrate_from_capture;
+    let m = need_model!();
+    let cfg = small_config(0.9);
+    let tokens = &novel_tokens(m)[30_000..30_128];
+    let n = m.llama.config.n_layers;
+    let direct = calibrate_model(&m.llama, tokens, &cfg, &[0.5, 0.9]).unwrap();
+    let cap = m
+        .llama
+        .capture(tokens, &(0..n).collect::<Vec<_>>())
+        .unwrap();
+    let from = calibrate_from_capture(&cap, n, &cfg, &[0.5, 0.9]).unwrap();
+    assert_eq!(from, direct);
+    // Every layer is needed.
+    let part = m.llama.capture(tokens, &[0, 1]).unwrap();
+    let e = calibrate_from_capture(&part, n, &cfg, &[0.9]).unwrap_err();
+    assert!(e.to_string().contains("every layer"), "{e}");
+}

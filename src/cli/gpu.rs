@@ -127,6 +127,11 @@ mod imp {
             Ok((s, mean_keep(&st)))
         }
 
+        /// Post-RoPE Q, K, V of `layers` (exact forward).
+        pub fn capture(&self, tokens: &[u32], layers: &[usize]) -> Result<crate::model::Capture> {
+            self.gpu.capture(tokens, layers).map_err(err)
+        }
+
         /// A TCA forward over `tokens` with every layer audited: the score, one row per
         /// (layer, query head), the keep fraction and the audit's seconds.
         pub fn audited(
@@ -199,6 +204,9 @@ mod imp {
             String::new()
         }
         pub fn score(&self, _: &[u32], _: Tca, _: usize) -> Result<(Score, f64)> {
+            Err(no_cuda())
+        }
+        pub fn capture(&self, _: &[u32], _: &[usize]) -> Result<crate::model::Capture> {
             Err(no_cuda())
         }
         pub fn audited(

@@ -17,7 +17,7 @@ use crate::backend::BackendKind;
 use crate::calibration::Profile;
 use crate::config::Config;
 use crate::error::{Result, TcaError};
-use crate::model::sparse::{calibrate_model, SparsePolicy};
+use crate::model::sparse::{calibrate_from_capture, calibrate_model, SparsePolicy};
 use crate::model::{assets, AttentionPolicy, Exact, Model, Score};
 use crate::selection::policies::Policy;
 
@@ -244,6 +244,12 @@ pub struct CalibrateModelArgs {
     /// SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub rope: RopeArgs,
+    /// Where the exact forward runs (cpu, or cuda: the GPU's Q/K/V, bf16); the
+    /// calibration itself is the f64 reference on the host either way.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
 }
 
 /// `tca calibrate-model`: calibrate every layer and KV head of the model on a passage
@@ -256,11 +262,21 @@ pub fn run_calibrate_model(a: CalibrateModelArgs) -> Result<()> {
         Some(p) => Config::from_file(p)?,
         None => Config::from_toml_str(MODEL_CONFIG)?,
     };
-    let model = Model::load(assets::model_path(a.model.as_deref())?)?;
+    let model = a.rope.load(a.model.as_deref())?;
     let tokens = calibration_tokens(&model, a.text.as_deref(), a.offset, a.tokens)?;
     let t0 = Instant::now();
-    let prof = calibrate_model(&model.llama, &tokens, &cfg, &[cfg.tau])?
-        .pop()
+    let profs = match a.backend {
+        BackendKind::Cpu => calibrate_model(&model.llama, &tokens, &cfg, &[cfg.tau])?,
+        BackendKind::Cuda => {
+            let n = model.llama.config.n_layers;
+            let cap =
+                super::gpu::Engine::open(&model)?.capture(&tokens, &(0..n).collect::<Vec<_>>())?;
+            calibrate_from_capture(&cap, n, &cfg, &[cfg.tau])?
+        }
+    };
+    let prof = profs
+        .into_iter()
+        .next()
         .ok_or_else(|| TcaError::Invalid("no profile".into()))?;
     let secs = t0.elapsed().as_secs_f64();
     println!(

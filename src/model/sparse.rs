@@ -437,6 +437,28 @@ impl QkvHook for CalibrationHook {
     }
 }
 
+/// Calibration profiles (one per tau) from the captured Q, K, V of every layer
+/// 0..`n_layers` (an exact forward computed elsewhere, e.g. on the GPU: `tca
+/// calibrate-model --backend cuda`); the same calibration as [`calibrate_model`].
+pub fn calibrate_from_capture(
+    cap: &super::llama::Capture,
+    n_layers: usize,
+    config: &Config,
+    taus: &[f64],
+) -> Result<Vec<Profile>> {
+    let have: Vec<usize> = cap.captured.keys().copied().collect();
+    if have != (0..n_layers).collect::<Vec<_>>() {
+        return Err(TcaError::Invalid(format!(
+            "calibration needs the Q/K/V of every layer 0..{n_layers}; the capture has {have:?}"
+        )));
+    }
+    let mut hook = CalibrationHook::new(config, taus)?;
+    for (&layer, qkv) in &cap.captured {
+        hook.record(layer, qkv.q.view(), qkv.k.view(), qkv.v.view())?;
+    }
+    hook.profiles()
+}
+
 /// Calibration profiles (one per tau) of every layer on `tokens` (exact forward pass).
 pub fn calibrate_model(
     llama: &Llama,
