@@ -325,3 +325,52 @@ fn gpu_generation_and_the_layer_audit() {
         assert!(r.oracle_max_gamma_diff < 1e-2, "{r:?}");
     }
 }
+
+#[test]
+fn host_side_of_the_layer_audit() {
+    use tca::cuda::audit::diameters_from_far2;
+    use tca::cuda::model::audit::ClaimedSets;
+    use tca::selection::{select, Budget, KeySets};
+    // Diameters: running max of the squared distances, rooted, widened by 1 + d 2^-23;
+    // a NaN poisons the rest of its head only.
+    let d = diameters_from_far2(&[0.0, 4.0, 1.0, 9.0, 0.0, f32::NAN, 1.0, 0.0], 4, 64);
+    let w = 1.0 + 64.0 * f64::powi(2.0, -23);
+    assert_eq!(d[0], vec![0.0, 2.0 * w, 2.0 * w, 3.0 * w]);
+    assert_eq!(d[1][0], 0.0);
+    assert!(d[1][1..].iter().all(|x| x.is_nan()));
+    // The GPU's claimed sets read as the CPU selection's with the same S_G.
+    let heads = tca::Heads::new(
+        ndarray::Array3::from_shape_fn((4, 80, 8), |(h, i, c)| {
+            ((h * 7 + i * 3 + c) % 11) as f64 * 0.1
+        }),
+        ndarray::Array3::from_shape_fn((2, 80, 8), |(h, i, c)| {
+            ((h + i * 5 + c * 2) % 13) as f64 * 0.1
+        }),
+        ndarray::Array3::from_shape_fn((2, 80, 8), |(h, i, c)| ((h + i + c) % 7) as f64),
+    )
+    .unwrap();
+    let cfg = Config {
+        block_size: 16,
+        window: 24,
+        ..Config::default()
+    };
+    let sel = select(
+        &heads,
+        &cfg,
+        &[Budget::point(5, 16).unwrap(), Budget::point(2, 16).unwrap()],
+    )
+    .unwrap();
+    let claimed = ClaimedSets {
+        global: sel.heads.iter().map(|h| h.global.clone()).collect(),
+        window: cfg.window,
+        len: 80,
+        group: 2,
+    };
+    assert_eq!(claimed.shape(), sel.shape());
+    for h in 0..4 {
+        for i in 0..80 {
+            assert_eq!(claimed.keys(h, i), sel.keys(h, i));
+            assert_eq!(claimed.kept(h / 2, i), sel.kept(h / 2, i));
+        }
+    }
+}

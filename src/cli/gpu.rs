@@ -234,3 +234,25 @@ mod imp {
 
 #[cfg(not(feature = "cuda"))]
 pub use imp::no_cuda;
+
+#[cfg(test)]
+mod tests {
+    use super::GenOut;
+
+    #[test]
+    fn mean_regret_averages_steps_layers_and_heads() {
+        let mut g = GenOut {
+            tokens: vec![1, 2, 3],
+            keep_fraction: 1.0,
+            regret: vec![],
+            prefill_s: 0.0,
+            decode_s: 0.0,
+        };
+        assert!(g.mean_regret().is_nan());
+        g.regret = vec![
+            vec![vec![0.1, 0.3], vec![0.0, 0.0]],
+            vec![vec![0.4, 0.0], vec![0.2, 0.2]],
+        ];
+        assert!((g.mean_regret() - 1.2 / 8.0).abs() < 1e-12);
+    }
+}

@@ -47,15 +47,19 @@ pub fn prefix_diameters(
             ))
     }
     .ctx("tca_prefix_far")?;
-    let far2 = gpu.download(&far2)?;
+    Ok(diameters_from_far2(&gpu.download(&far2)?, l, d))
+}
+
+/// The prefix diameters of each KV head from the kernel's `far2` `[Hkv, L]`: the
+/// running maximum, its root, widened by (1 + d 2^-23); a NaN (a row the kernel did not
+/// write) stays NaN from there on, and fails the audit.
+pub fn diameters_from_far2(far2: &[f32], l: usize, d: usize) -> Vec<Vec<f64>> {
     let widen = 1.0 + d as f64 * f64::powi(2.0, -23);
-    Ok(far2
-        .chunks(l)
+    far2.chunks(l)
         .map(|row| {
             let mut m = 0.0f64;
             row.iter()
                 .map(|&x| {
-                    // A NaN (a row the kernel did not write) stays NaN and fails the audit.
                     m = if x.is_nan() || m.is_nan() {
                         f64::NAN
                     } else {
@@ -65,5 +69,5 @@ pub fn prefix_diameters(
                 })
                 .collect()
         })
-        .collect())
+        .collect()
 }
