@@ -450,7 +450,7 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
         r.heads.iter().map(|h| h.index_bytes).sum::<usize>()
     );
     println!(
-        "decode quality: mean gamma {:.3e}, max gamma {:.3e}, max relative output error {:.3e}",
+        "decode quality: mean gamma {:.3e}, max gamma {:.3e} (gamma here is the eviction regret: the step's softmax mass on keys the cache no longer holds), max relative output error {:.3e}",
         r.mean_gamma, r.max_gamma, r.max_rel_err
     );
     // Every decode step audited against every reading: S_i is the cache.
