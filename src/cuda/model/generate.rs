@@ -6,8 +6,8 @@
 //! "prefill then full decode" mode), or TCA's compacted cache
 //! ([`DecodeCache::Compact`], docs/algorithm.md §3): S_G (the compacted rows of the
 //! prefill selection) followed by the window, the positions L - w .. p of the full cache.
-//! In compact mode the full cache is the shadow: each step also decodes over it, and
-//! the eviction regret of each layer and query head, the new query's softmax mass on the
+//! The full cache is also the compacted cache's shadow: with `shadow`, each compact step
+//! also decodes over it, and the eviction regret of each layer and query head, the new query's softmax mass on the
 //! keys the compacted cache dropped, is 1 - exp(lse_compact - lse_full)
 //! ([`crate::bound::layers::regret`]).
 //!
@@ -99,10 +99,12 @@ impl GpuModel {
             GpuAttn::Exact => None,
         };
         if let (DecodeCache::Compact { .. }, Some((cfg, _))) = (cache, tca) {
-            if l > cfg.window && max_new > cfg.block_size {
+            // The CPU cache compacts once its window holds w + b tokens: the window starts
+            // with min(L, w) and gains max_new - 1 appended tokens.
+            if l.min(cfg.window) + max_new > cfg.window + cfg.block_size {
                 return Err(GpuError::Invalid(format!(
-                    "the GPU's compacted cache does not compact the window (yet): at most b = {} new tokens, {max_new} asked for",
-                    cfg.block_size
+                    "the GPU's compacted cache does not compact the window (yet): {max_new} new tokens after {l} would need it (b = {}, w = {})",
+                    cfg.block_size, cfg.window
                 )));
             }
         }
