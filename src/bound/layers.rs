@@ -51,14 +51,18 @@ pub fn head_rows(
     oracle: &[QueryAudit],
     tau: f64,
 ) -> Vec<HeadAuditRow> {
-    (0..hq)
-        .map(|h| {
-            let mine: Vec<QueryAudit> = self_audits
-                .iter()
-                .filter(|a| a.head == h)
-                .cloned()
-                .collect();
-            let orc: Vec<QueryAudit> = oracle.iter().filter(|a| a.head == h).cloned().collect();
+    let by_head = |audits: &[QueryAudit]| {
+        let mut out: Vec<Vec<QueryAudit>> = vec![Vec::new(); hq];
+        for a in audits.iter().filter(|a| a.head < hq) {
+            out[a.head].push(a.clone());
+        }
+        out
+    };
+    by_head(self_audits)
+        .into_iter()
+        .zip(by_head(oracle))
+        .enumerate()
+        .map(|(h, (mine, orc))| {
             let s: Summary = summarize(&mine, tau);
             let o: Summary = summarize(&orc, tau);
             let keep = mine
@@ -204,6 +208,37 @@ mod tests {
         // Only head 0 is in the first 40 oracle rows.
         assert_eq!(rows[0].oracle_rows, 40);
         assert_eq!(rows[1].oracle_rows, 0);
+    }
+
+    #[test]
+    fn a_planted_error_and_a_nan_show_in_their_head_rows() {
+        use crate::bound::audit_rows;
+        let (heads, cfg) = layer();
+        let budgets = vec![Budget::point(3, 16).unwrap(); 2];
+        let sel = select(&heads, &cfg, &budgets).unwrap();
+        let full = crate::reference::attention(&heads);
+        let mut sparse = crate::selection::sparse_attention(&heads, &sel).unwrap();
+        // Head 1's sparse output off by 0.5 everywhere past the first 8 queries; one NaN
+        // output of head 3.
+        sparse
+            .o
+            .slice_mut(ndarray::s![1, 8.., ..])
+            .mapv_inplace(|x| x + 0.5);
+        sparse.o[[3, 40, 0]] = f64::NAN;
+        let kept = |h: usize, i: usize| sel.kept(h / sel.group, i);
+        let me = audit_outputs(&heads, &full, &sparse, &kept, Precision::F64).unwrap();
+        let rows: Vec<(usize, usize)> = (0..4).flat_map(|h| (0..96).map(move |i| (h, i))).collect();
+        let orc = audit_rows(&heads, &sel, &sparse, Precision::F64, &rows).unwrap();
+        let r = head_rows(0, 4, |h| heads.kv_of(h), &me, &orc, cfg.tau);
+        let true_viol = |x: &HeadAuditRow| x.readings[..3].iter().map(|y| y.1).sum::<usize>();
+        assert_eq!((true_viol(&r[0]), r[0].oracle_true_violations), (0, 0));
+        assert!(
+            true_viol(&r[1]) > 0 && r[1].oracle_true_violations > 0,
+            "{:?}",
+            r[1]
+        );
+        assert_eq!((r[3].non_finite, true_viol(&r[3]) >= 3), (1, true));
+        assert!(r[3].oracle_true_violations >= 4, "{:?}", r[3]);
     }
 
     #[test]
