@@ -4,7 +4,9 @@
 //! with a message, elsewhere).
 #![cfg(feature = "cuda")]
 
-use std::sync::OnceLock;
+#[macro_use]
+mod common;
+use common::model::model;
 
 use ndarray::{Array2, ShapeBuilder};
 use tca::backend::symmetric_difference as sym_diff;
@@ -17,23 +19,6 @@ use tca::model::{assets, Exact, Model};
 use tca::selection::key_set;
 use tca::selection::policies::Policy;
 use tca::Config;
-
-fn model() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| match assets::model_path(None) {
-            Ok(p) => Some(Model::load(&p).expect("the cached GGUF loads")),
-            Err(e) => {
-                if std::env::var("TCA_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
-                    eprintln!("skipping model test (TCA_SKIP_MODEL_TESTS=1): {e}");
-                    None
-                } else {
-                    panic!("{e}\nrun scripts/fetch-assets first (or set TCA_SKIP_MODEL_TESTS=1)")
-                }
-            }
-        })
-        .as_ref()
-}
 
 /// A small deterministic matrix with varied values.
 fn mat(rows: usize, cols: usize, seed: u32) -> Array2<f32> {

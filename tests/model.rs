@@ -5,7 +5,8 @@
 //! it is absent, unless `TCA_SKIP_MODEL_TESTS=1`.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+#[macro_use]
+mod common;
 
 use ndarray::{Array3, ArrayView3};
 use tca::backend::BackendKind;
@@ -15,45 +16,11 @@ use tca::cli::model::{
 };
 use tca::model::gguf::{GgmlType, GgufFile, MetaValue};
 use tca::model::quant::{dequantize, dequantize_q4_1_block, dequantize_q8_0_block};
-use tca::model::{assets, AttentionPolicy, Exact, KvCache, Model};
+use tca::model::{assets, AttentionPolicy, Exact, KvCache};
 use tca::TcaError;
 
 // ---------------------------------------------------------------------------------
 // Helpers
-
-fn skip_model_tests() -> bool {
-    std::env::var("TCA_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1")
-}
-
-/// The shared model, or None when absent and TCA_SKIP_MODEL_TESTS=1.
-fn model() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| match assets::model_path(None) {
-            Ok(p) => Some(Model::load(&p).expect("the cached GGUF loads")),
-            Err(e) => {
-                if skip_model_tests() {
-                    eprintln!("skipping model test (TCA_SKIP_MODEL_TESTS=1): {e}");
-                    None
-                } else {
-                    panic!(
-                        "{e}\nThe model tests need the SmolLM2 GGUF: run scripts/fetch-assets \
-                         first (or set TCA_SKIP_MODEL_TESTS=1 to skip them)."
-                    )
-                }
-            }
-        })
-        .as_ref()
-}
-
-macro_rules! need_model {
-    () => {
-        match model() {
-            Some(m) => m,
-            None => return,
-        }
-    };
-}
 
 /// FNV-1a (64 bit) over the little-endian bytes of `ids`.
 fn fnv1a_ids(ids: &[u32]) -> u64 {

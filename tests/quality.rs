@@ -5,7 +5,8 @@
 //! scaling; multi-tau profile lists. Needs the model (scripts/fetch-assets) unless
 //! TCA_SKIP_MODEL_TESTS=1.
 
-use std::sync::OnceLock;
+#[macro_use]
+mod common;
 
 use tca::backend::BackendKind;
 use tca::calibration::{HeadProfile, LayerProfile, ModelShape, Profile};
@@ -22,32 +23,6 @@ use tca::model::{assets, Exact, Model};
 use tca::selection::policies::Policy;
 use tca::selection::Budget;
 use tca::Config;
-
-fn model() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| match assets::model_path(None) {
-            Ok(p) => Some(Model::load(&p).expect("the cached GGUF loads")),
-            Err(e) => {
-                if std::env::var("TCA_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
-                    eprintln!("skipping model test (TCA_SKIP_MODEL_TESTS=1): {e}");
-                    None
-                } else {
-                    panic!("{e}\nrun scripts/fetch-assets first (or TCA_SKIP_MODEL_TESTS=1)")
-                }
-            }
-        })
-        .as_ref()
-}
-
-macro_rules! need_model {
-    () => {
-        match model() {
-            Some(m) => m,
-            None => return,
-        }
-    };
-}
 
 /// b = 16, w = 32: short texts still have a candidate region to select from.
 fn small_config(tau: f64) -> Config {

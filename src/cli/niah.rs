@@ -251,7 +251,7 @@ pub fn first_digits(answer: &str) -> String {
 }
 
 /// One (task, length, attention, tau) cell of the summary.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Cell {
     task: String,
     length: usize,
@@ -262,6 +262,41 @@ struct Cell {
     keep: f64,
     regret: f64,
     regret_n: usize,
+}
+
+impl Cell {
+    /// The cell of (task, length, attention, tau) in `cells` (taus compared by bits, so
+    /// NaN for exact attention matches itself), added empty where missing; cells keep
+    /// the order in which they first ran.
+    fn find_or_add<'a>(
+        cells: &'a mut Vec<Cell>,
+        task: &str,
+        length: usize,
+        attention: &str,
+        tau: f64,
+    ) -> &'a mut Cell {
+        let at = cells.iter().position(|c| {
+            c.task == task
+                && c.length == length
+                && c.attention == attention
+                && c.tau.to_bits() == tau.to_bits()
+        });
+        let i = at.unwrap_or_else(|| {
+            cells.push(Cell {
+                task: task.into(),
+                length,
+                attention: attention.into(),
+                tau,
+                n: 0,
+                correct: 0,
+                keep: 0.0,
+                regret: 0.0,
+                regret_n: 0,
+            });
+            cells.len() - 1
+        });
+        &mut cells[i]
+    }
 }
 
 fn summary_table(cells: &[Cell]) -> Result<Table> {
@@ -516,29 +551,7 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                             ("backend", Val::S(backend.clone())),
                             ("seconds", Val::F(secs)),
                         ])?;
-                        let key = (task.clone(), n, label.to_string(), tau);
-                        let pos = cells.iter().position(|c| {
-                            (c.task.clone(), c.length, c.attention.clone())
-                                == (key.0.clone(), key.1, key.2.clone())
-                                && (c.tau == key.3 || (c.tau.is_nan() && key.3.is_nan()))
-                        });
-                        let c = match pos {
-                            Some(i) => &mut cells[i],
-                            None => {
-                                cells.push(Cell {
-                                    task: key.0,
-                                    length: n,
-                                    attention: key.2,
-                                    tau,
-                                    n: 0,
-                                    correct: 0,
-                                    keep: 0.0,
-                                    regret: 0.0,
-                                    regret_n: 0,
-                                });
-                                cells.last_mut().expect("pushed")
-                            }
-                        };
+                        let c = Cell::find_or_add(&mut cells, task, n, label, tau);
                         c.n += 1;
                         c.correct += correct as usize;
                         c.keep += keep;

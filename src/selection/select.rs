@@ -104,14 +104,20 @@ impl Selection {
 
     /// |S_i| for KV head `kv`.
     pub fn kept(&self, kv: usize, i: usize) -> usize {
-        let lo = window_start(self.window, i);
-        self.heads[kv].global.partition_point(|&j| j < lo) + (i + 1 - lo)
+        kept_count(&self.heads[kv].global, self.window, i)
     }
 }
 
 /// First position of query i's local window: max(0, i - w + 1).
 pub fn window_start(window: usize, i: usize) -> usize {
     (i + 1).saturating_sub(window)
+}
+
+/// |S_i| = |{j in `global` : j < lo}| + (i + 1 - lo), lo = max(0, i - w + 1) (`global`
+/// ascending): the size of [`key_set`] without building it.
+pub fn kept_count(global: &[usize], window: usize, i: usize) -> usize {
+    let lo = window_start(window, i);
+    global.partition_point(|&j| j < lo) + (i + 1 - lo)
 }
 
 /// S_i = {j in `global` : j < lo} followed by [lo, i], lo = max(0, i - w + 1).

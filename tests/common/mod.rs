@@ -2,6 +2,9 @@
 //! small enough that hundreds of cases run in seconds.
 #![allow(dead_code)]
 
+#[macro_use]
+pub mod model;
+
 use ndarray::Array3;
 use proptest::prelude::*;
 use tca::config::{Criterion, GqaReduce, MassNorm};

@@ -17,7 +17,7 @@ use super::super::{DevHeads, Gpu, GpuError, GpuResult};
 use super::forward::download_heads;
 use crate::bound::layers::{head_rows, HeadAuditRow};
 use crate::bound::{audit_outputs_with, audit_rows_with, sample_rows, Precision, PrefixStats};
-use crate::selection::{key_set, window_start, KeySets};
+use crate::selection::{kept_count, key_set, KeySets};
 
 /// S_i as the GPU claims it: its S_G per KV head with the window rule (docs/algorithm.md
 /// §1.7).
@@ -31,8 +31,7 @@ pub struct ClaimedSets {
 impl ClaimedSets {
     /// |S_i| of KV head `kv`.
     pub fn kept(&self, kv: usize, i: usize) -> usize {
-        let lo = window_start(self.window, i);
-        self.global[kv].partition_point(|&j| j < lo) + (i + 1 - lo)
+        kept_count(&self.global[kv], self.window, i)
     }
 }
 

@@ -33,7 +33,7 @@ use super::weights::DevWeights;
 use crate::calibration::Profile;
 use crate::config::Config;
 use crate::model::llama::{Capture, Llama, LlamaConfig, QkvHook, Score};
-use crate::selection::{select, window_start};
+use crate::selection::{kept_count, select};
 
 /// Target rows per logits chunk (`[CHUNK, vocab]` f32 on the device).
 pub const LOGIT_CHUNK: usize = 1024;
@@ -72,14 +72,10 @@ pub struct ForwardStats {
 /// Mean over KV heads (each standing for g query heads) and queries of |S_i| / (i + 1),
 /// with S_i = {j in S_G : j < max(0, i - w + 1)} ∪ the window (docs/algorithm.md §1.7).
 pub fn keep_fraction(global: &[Vec<usize>], window: usize, len: usize) -> f64 {
-    let mut frac = 0.0;
-    for g in global {
-        for i in 0..len {
-            let lo = window_start(window, i);
-            let kept = g.partition_point(|&j| j < lo) + (i + 1 - lo);
-            frac += kept as f64 / (i + 1) as f64;
-        }
-    }
+    let frac: f64 = global
+        .iter()
+        .flat_map(|g| (0..len).map(move |i| kept_count(g, window, i) as f64 / (i + 1) as f64))
+        .sum();
     frac / (global.len() * len).max(1) as f64
 }
 
@@ -269,7 +265,7 @@ impl GpuModel {
     ) -> GpuResult<()> {
         let c = self.config().clone();
         let g = &self.gpu;
-        let (l, hid, d, hq, hkv, ffn) = (w.l, c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+        let (l, hid, d, hq, hkv) = (w.l, c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         g.stream
             .memset_zeros(&mut w.bad)
             .ctx("clear the non-finite counts")?;
@@ -335,7 +331,6 @@ impl GpuModel {
             )?;
             glue::count_nonfinite(g, &w.x, l * hid, &mut w.bad, li)?;
         }
-        let _ = ffn;
         Ok(())
     }
 
