@@ -315,17 +315,9 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
             "--answer-tokens must be at least 1".into(),
         ));
     }
-    let gpu_ok = [AttentionKind::Exact, AttentionKind::Tca];
     if a.backend == BackendKind::Cuda {
-        if let Some(k) = kinds
-            .iter()
-            .chain(&long_kinds)
-            .find(|k| !gpu_ok.contains(k))
-        {
-            return Err(TcaError::Invalid(format!(
-                "attention {} runs on the CPU only (--backend cpu); the GPU runs exact and tca",
-                k.name()
-            )));
+        if let Some(k) = kinds.iter().chain(&long_kinds).find(|k| !k.on_gpu()) {
+            return Err(k.gpu_refusal());
         }
     }
     let cfg = a.calibration.config()?;
@@ -428,7 +420,7 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                                 } else {
                                     None
                                 };
-                                let tca = prof.as_ref().map(|p| (&cfg, p));
+                                let tca = p.zip(prof.as_ref()).map(|(p, prof)| (p, &cfg, prof));
                                 let g = e.generate(
                                     &case.prompt,
                                     a.answer_tokens,
