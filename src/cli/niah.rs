@@ -83,7 +83,8 @@ pub struct QualityNiahArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub rope: RopeArgs,
-    /// Where the model runs: cpu (f32; every attention) or cuda (exact and tca).
+    /// Where the model runs: cpu (f32; every attention) or cuda (exact, tca, block_topk,
+    /// cumulative_threshold).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
 }
@@ -421,14 +422,18 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                                     None
                                 };
                                 let tca = p.zip(prof.as_ref()).map(|(p, prof)| (p, &cfg, prof));
+                                // TCA decodes over its compacted cache (or the full one
+                                // with `full_decode`); the peers over the full cache, as
+                                // on the CPU.
+                                let compact = p == Some(Policy::Tca) && !full_decode;
                                 let g = e.generate(
                                     &case.prompt,
                                     a.answer_tokens,
                                     tca,
-                                    !full_decode,
+                                    compact,
                                     eos,
                                 )?;
-                                let r = if p.is_some() && !full_decode {
+                                let r = if compact {
                                     g.mean_regret()
                                 } else {
                                     f64::NAN

@@ -11,8 +11,9 @@
 //!
 //! Attention: dense causal ([`prefill::run_dense`]) or TCA (per layer and KV head the
 //! budgets of the multi-layer profile, the GPU selection [`run_select`] and the sparse
-//! prefill [`prefill::run_sparse`]); with L <= w TCA keeps every key and the dense kernel
-//! runs, as on the CPU.
+//! prefill [`prefill::run_sparse`]), or a peer policy as a key set built from TCA's
+//! selection of the layer ([`super::peers`]: block top-k, cumulative threshold); with
+//! L <= w TCA keeps every key and the dense kernel runs, as on the CPU.
 //!
 //! Checks: attention outputs and logit chunks are NaN-poisoned before their kernels;
 //! after each layer the non-finite values of x are counted on the device, and a forward
