@@ -426,18 +426,9 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                                 // with `full_decode`); the peers over the full cache, as
                                 // on the CPU.
                                 let compact = p == Some(Policy::Tca) && !full_decode;
-                                let g = e.generate(
-                                    &case.prompt,
-                                    a.answer_tokens,
-                                    tca,
-                                    compact,
-                                    eos,
-                                )?;
-                                let r = if compact {
-                                    g.mean_regret()
-                                } else {
-                                    f64::NAN
-                                };
+                                let g =
+                                    e.generate(&case.prompt, a.answer_tokens, tca, compact, eos)?;
+                                let r = if compact { g.mean_regret() } else { f64::NAN };
                                 (g.tokens, g.keep_fraction, r)
                             }
                             (None, Some(Policy::Tca)) if !full_decode => {
