@@ -118,3 +118,84 @@ fn cuda_backend_audit_agrees_with_the_oracle() {
         );
     }
 }
+
+/// The peers' device paths on a synthetic layer: a host-chosen key set compacted by
+/// `select_key_sets` (positions and K/V rows exact), and both peers' S_G from TCA's
+/// GPU selection against the CPU policies on the same bf16 inputs.
+#[test]
+fn gpu_peer_key_sets_match_the_cpu_policies() {
+    use tca::cuda::model::peers::{peer_selection, GpuPeer};
+    use tca::cuda::selection::{download_selection, run_select, select_key_sets, DevSelection};
+    use tca::cuda::DevHeads;
+    use tca::selection::policies::{block_topk, cumulative_threshold, BlockMarks};
+    let gpu = match GpuBackend::new() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipping GPU test: {e}");
+            return;
+        }
+    };
+    let g = &gpu.gpu;
+    let layer = generate(4, 2, 320, 64, 3);
+    let heads = layer.to_heads().unwrap();
+    let cfg = Config {
+        tau: 0.8,
+        ..small_cfg()
+    };
+    let (l, d, lc) = (320, 64, 320 - cfg.window);
+    let h = DevHeads::from_heads(g, &heads).unwrap();
+    // Host-chosen sets: every third position of head 0, a few of head 1.
+    let keep = [
+        (0..lc).step_by(3).collect::<Vec<_>>(),
+        vec![0, 17, 18, 19, 100, lc - 1],
+    ];
+    let marks: Vec<BlockMarks> = keep
+        .iter()
+        .map(|k| BlockMarks::new(k, lc, cfg.block_size).unwrap())
+        .collect();
+    let sel = select_key_sets(
+        g,
+        &h,
+        cfg.window,
+        cfg.block_size,
+        &marks,
+        &vec![0.0; 2 * lc],
+    )
+    .unwrap();
+    g.sync().unwrap();
+    let hs = download_selection(g, &h, &sel).unwrap();
+    let (k, gk) = (g.download(&h.k).unwrap(), g.download(&sel.gk).unwrap());
+    for kv in 0..2 {
+        assert_eq!(hs.global[kv], keep[kv], "KV head {kv}");
+        for (r, &j) in keep[kv].iter().enumerate() {
+            let src = &k[(kv * l + j) * d..(kv * l + j + 1) * d];
+            let dst = &gk[(kv * sel.gcap + r) * d..(kv * sel.gcap + r + 1) * d];
+            assert_eq!(src, dst, "KV head {kv}, row {r} (position {j})");
+        }
+    }
+    // Both peers from TCA's GPU selection against the CPU policies.
+    let c = candidates(&cfg).unwrap();
+    let budgets = vec![c[5].budget.clone(); 2];
+    let cpu_tca = tca::selection::select(&heads, &cfg, &budgets).unwrap();
+    for peer in [GpuPeer::BlockTopK, GpuPeer::CumulativeThreshold] {
+        let cpu = match peer {
+            GpuPeer::BlockTopK => block_topk(&heads, &cfg, &cpu_tca).unwrap(),
+            GpuPeer::CumulativeThreshold => cumulative_threshold(&cpu_tca, cfg.tau),
+        };
+        let mut tsel =
+            DevSelection::new(g, &h, &select_params(l, &cfg, &budgets).unwrap()).unwrap();
+        run_select(g, &h, &mut tsel, None).unwrap();
+        let psel = peer_selection(g, &h, &tsel, peer, &cfg).unwrap();
+        g.sync().unwrap();
+        let hs = download_selection(g, &h, &psel).unwrap();
+        let (mut diff, mut total) = (0, 0);
+        for kv in 0..2 {
+            diff += tca::backend::symmetric_difference(&cpu.heads[kv].global, &hs.global[kv]);
+            total += cpu.heads[kv].global.len();
+        }
+        assert!(
+            total > 0 && diff * 50 <= total,
+            "{peer:?}: {diff} of {total} positions differ"
+        );
+    }
+}

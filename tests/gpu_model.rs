@@ -205,6 +205,68 @@ fn gpu_tca_matches_the_cpu_tca() {
 }
 
 #[test]
+fn gpu_peers_match_the_cpu_peers() {
+    use tca::cuda::model::generate::DecodeCache;
+    use tca::cuda::model::GpuPeer;
+    let Some(m) = model() else { return };
+    let Some(g) = gpu_model(m) else { return };
+    let cfg = Config {
+        block_size: 16,
+        window: 32,
+        tau: 0.9,
+        ..Config::default()
+    };
+    let all = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
+        .unwrap();
+    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let tokens = &all[..256];
+    for peer in [GpuPeer::BlockTopK, GpuPeer::CumulativeThreshold] {
+        let pol = SparsePolicy::new(peer.policy(), cfg.clone(), prof.clone()).unwrap();
+        let cpu = m.llama.score(tokens, &pol, 0).unwrap();
+        let attn = GpuAttn::Peer {
+            peer,
+            config: &cfg,
+            profile: &prof,
+        };
+        let (gpu, stats) = g.score(tokens, attn, 0, true, None).unwrap();
+        assert_eq!(stats.keep.len(), m.llama.config.n_layers);
+        let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
+        assert!(
+            rel < 0.02,
+            "{peer:?} perplexity cpu {} gpu {}",
+            cpu.perplexity(),
+            gpu.perplexity()
+        );
+        let (mut diff, mut total) = (0, 0);
+        for k in &stats.keep {
+            diff += k.oracle_diff.as_ref().unwrap().iter().sum::<usize>();
+            total += k.global.iter().map(Vec::len).sum::<usize>();
+        }
+        assert!(
+            total > 0 && diff * 50 <= total,
+            "{peer:?}: {diff} of {total} positions differ from the CPU policy"
+        );
+        let keep =
+            stats.keep.iter().map(|k| k.keep_fraction).sum::<f64>() / stats.keep.len() as f64;
+        assert!(
+            (keep - pol.mean_keep_fraction()).abs() < 0.02,
+            "{peer:?} keep gpu {keep} cpu {}",
+            pol.mean_keep_fraction()
+        );
+        // Decoding over the peer's compacted cache.
+        let out = g
+            .generate(tokens, 4, attn, DecodeCache::Compact { shadow: true }, None)
+            .unwrap();
+        assert_eq!(out.tokens.len(), 4);
+    }
+}
+
+#[test]
 fn perplexity_cli_on_the_cuda_backend() {
     let Some(_) = model() else { return };
     let args = PerplexityArgs {

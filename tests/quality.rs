@@ -265,7 +265,8 @@ fn quality_ppl_writes_its_table() {
         ..args.clone()
     };
     assert!(run_quality_ppl(bad).is_err());
-    // The GPU runs exact and TCA only; peers are refused before any work.
+    // The GPU runs exact, TCA, block top-k and the cumulative threshold; other peers
+    // are refused before any work.
     let e = run_quality_ppl(QualityPplArgs {
         backend: BackendKind::Cuda,
         force: true,
@@ -275,15 +276,17 @@ fn quality_ppl_writes_its_table() {
     .to_string();
     assert!(e.contains("CPU only"), "{e}");
     if !cfg!(feature = "cuda") {
-        let e = run_quality_ppl(QualityPplArgs {
-            backend: BackendKind::Cuda,
-            peers: "".into(),
-            force: true,
-            ..args
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("without CUDA"), "{e}");
+        for peers in ["", "block_topk,cumulative_threshold"] {
+            let e = run_quality_ppl(QualityPplArgs {
+                backend: BackendKind::Cuda,
+                peers: peers.into(),
+                force: true,
+                ..args.clone()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("without CUDA"), "{e}");
+        }
     }
 }
 
@@ -460,7 +463,8 @@ fn quality_niah_writes_cases_and_wilson_summary() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("tau = 0.8"), "{e}");
-    // The GPU runs exact and tca only; without a device (or CUDA) it says so.
+    // The GPU runs exact, tca, block_topk and cumulative_threshold only; without a
+    // device (or CUDA) it says so.
     let e = run_quality_niah(QualityNiahArgs {
         attention: "exact,oracle_topk".into(),
         backend: BackendKind::Cuda,
@@ -471,14 +475,20 @@ fn quality_niah_writes_cases_and_wilson_summary() {
     .to_string();
     assert!(e.contains("CPU only"), "{e}");
     if !cfg!(feature = "cuda") {
-        let e = run_quality_niah(QualityNiahArgs {
-            backend: BackendKind::Cuda,
-            force: true,
-            ..a.clone()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("without CUDA"), "{e}");
+        for attention in [
+            a.attention.as_str(),
+            "exact,block_topk,cumulative_threshold",
+        ] {
+            let e = run_quality_niah(QualityNiahArgs {
+                backend: BackendKind::Cuda,
+                attention: attention.into(),
+                force: true,
+                ..a.clone()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("without CUDA"), "{e}");
+        }
     }
     // Unknown tasks, lengths beyond the context, an unknown RoPE scaling.
     for bad in [

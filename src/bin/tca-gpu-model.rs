@@ -1,10 +1,13 @@
 //! The GPU model forward against the CPU forward, and its prefill throughput (run by
 //! bench/device-model.sh on the device). On the first `--tokens` tokens of the novel:
 //! exact attention (perplexity within 0.5 %, top-1 agreement >= 99 %, per-layer Q/K/V
-//! relative error < 1e-2), TCA with a profile (perplexity within 1 %; per layer and KV
-//! head the GPU's S_G against the f64 oracle's on the same bf16 Q/K/V), then the
+//! relative error < 1e-2), TCA and the two peers the GPU runs (block top-k, cumulative
+//! threshold) with a profile (perplexity within 1 % of the CPU forward with the same
+//! policy; per layer and KV head the GPU's S_G against the f64 CPU policy's on the same
+//! bf16 Q/K/V, at most 2 % of positions differing), then the
 //! whole-model prefill throughput at `--lens` (CUDA events, median of `--iters` after a
-//! warm-up). Writes check.csv, selection.csv and throughput.csv under `--out`; exits
+//! warm-up). Writes check.csv, selection.csv (TCA), selection_<peer>.csv and
+//! throughput.csv under `--out`; exits
 //! non-zero when a check fails.
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use tca::bound::PrefixStats;
 use tca::calibration::Profile;
 use tca::cuda::model::audit::{AuditOptions, LayerAuditor};
 use tca::cuda::model::generate::DecodeCache;
-use tca::cuda::model::{GpuAttn, GpuModel};
+use tca::cuda::model::{GpuAttn, GpuModel, GpuPeer};
 use tca::model::sparse::SparsePolicy;
 use tca::model::{assets, Exact, Model};
 use tca::selection::policies::Policy;
@@ -183,40 +186,43 @@ fn exact_checks(x: &Ctx, checks: &mut Checks) -> tca::Result<()> {
     Ok(())
 }
 
-/// TCA, GPU against CPU: perplexity, and S_G against the oracle on the same inputs.
-fn tca_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<String> {
+/// TCA or a peer the GPU runs (block top-k, cumulative threshold), GPU against CPU:
+/// perplexity, and S_G per (layer, KV head) against the CPU policy's on the same bf16
+/// inputs.
+fn tca_checks(x: &Ctx, prof: &Profile, policy: Policy, checks: &mut Checks) -> tca::Result<String> {
     let (a, model, gm, cfg) = (x.a, &x.model, &x.gm, &x.cfg);
     let toks = &x.all[..a.tokens];
+    let name = policy.name();
     let mut sel_rows = String::from("layer,kv_head,gpu_global,oracle_diff\n");
-    let pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof.clone())?;
+    let pol = SparsePolicy::new(policy, cfg.clone(), prof.clone())?;
+    let attn = match GpuPeer::from_policy(policy) {
+        None => GpuAttn::Tca {
+            config: cfg,
+            profile: prof,
+        },
+        Some(peer) => GpuAttn::Peer {
+            peer,
+            config: cfg,
+            profile: prof,
+        },
+    };
     let t = Instant::now();
     let cpu_t = model.llama.score(toks, &pol, 0)?;
     let cpu_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (gpu_t, stats) = gm
-        .score(
-            toks,
-            GpuAttn::Tca {
-                config: cfg,
-                profile: prof,
-            },
-            0,
-            true,
-            None,
-        )
-        .map_err(gpu_err)?;
+    let (gpu_t, stats) = gm.score(toks, attn, 0, true, None).map_err(gpu_err)?;
     let gpu_s = t.elapsed().as_secs_f64();
     let cpu_keep = pol.mean_keep_fraction();
     let gpu_keep =
         stats.keep.iter().map(|k| k.keep_fraction).sum::<f64>() / stats.keep.len().max(1) as f64;
     println!(
-        "tca perplexity: cpu {:.4} ({cpu_s:.1} s, keep {cpu_keep:.4}), gpu {:.4} ({gpu_s:.2} s incl. the oracle check, keep {gpu_keep:.4})",
+        "{name} perplexity: cpu {:.4} ({cpu_s:.1} s, keep {cpu_keep:.4}), gpu {:.4} ({gpu_s:.2} s incl. the oracle check, keep {gpu_keep:.4})",
         cpu_t.perplexity(),
         gpu_t.perplexity(),
     );
     let rel = (gpu_t.perplexity() / cpu_t.perplexity() - 1.0).abs();
     checks.add(
-        "tca: |ppl_gpu / ppl_cpu - 1|",
+        &format!("{name}: |ppl_gpu / ppl_cpu - 1|"),
         rel,
         "<= 0.01",
         rel <= PPL_TCA,
@@ -233,12 +239,12 @@ fn tca_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<Strin
         }
     }
     println!(
-        "tca selection: {heads_diff} of {} (layer, KV head) sets differ from the oracle's on the same bf16 inputs; {diff} positions in the symmetric differences, {total} selected",
+        "{name} selection: {heads_diff} of {} (layer, KV head) sets differ from the CPU policy's on the same bf16 inputs; {diff} positions in the symmetric differences, {total} selected",
         stats.keep.iter().map(|k| k.global.len()).sum::<usize>()
     );
     let frac = diff as f64 / total.max(1) as f64;
     checks.add(
-        "tca: S_G positions differing from oracle",
+        &format!("{name}: S_G positions differing from oracle"),
         frac,
         "<= 0.02",
         frac <= SEL_DIFF,
@@ -490,11 +496,23 @@ fn run(a: &Args) -> tca::Result<bool> {
             stage_error(&mut checks, "exact checks", e);
         }
         match &x.profile {
-            Some(prof) => match tca_checks(&x, prof, &mut checks) {
-                Ok(rows) => write(&a.out, "selection.csv", &rows)?,
-                Err(e) => stage_error(&mut checks, "tca checks", e),
-            },
-            None => println!("no --profile: TCA checks skipped"),
+            Some(prof) => {
+                // TCA's rows in selection.csv, each peer's in selection_<peer>.csv.
+                for (policy, file) in [
+                    (Policy::Tca, "selection.csv"),
+                    (Policy::BlockTopK, "selection_block_topk.csv"),
+                    (
+                        Policy::CumulativeThreshold,
+                        "selection_cumulative_threshold.csv",
+                    ),
+                ] {
+                    match tca_checks(&x, prof, policy, &mut checks) {
+                        Ok(rows) => write(&a.out, file, &rows)?,
+                        Err(e) => stage_error(&mut checks, &format!("{} checks", policy.name()), e),
+                    }
+                }
+            }
+            None => println!("no --profile: TCA and peer checks skipped"),
         }
         if let Some(prof) = &x.profile {
             if let Err(e) = engine_checks(&x, prof, &mut checks) {

@@ -8,9 +8,28 @@ use crate::calibration::Profile;
 use crate::config::Config;
 use crate::error::{Result, TcaError};
 use crate::model::{Model, Score};
+use crate::selection::policies::Policy;
 
-/// TCA's configuration and profile, or exact attention (`None`).
-pub type Tca<'a> = Option<(&'a Config, &'a Profile)>;
+/// A sparse attention: its policy (TCA, or a peer the GPU runs, see
+/// [`gpu_runs`]), TCA's configuration and profile; or exact attention (`None`).
+pub type Tca<'a> = Option<(Policy, &'a Config, &'a Profile)>;
+
+/// Whether the GPU forward runs `policy`: TCA, and the two peers whose key sets it
+/// builds from TCA's selection (block top-k, cumulative threshold).
+pub fn gpu_runs(policy: Policy) -> bool {
+    matches!(
+        policy,
+        Policy::Tca | Policy::BlockTopK | Policy::CumulativeThreshold
+    )
+}
+
+/// The error for a policy the GPU does not run.
+pub fn gpu_refuses(policy: Policy) -> TcaError {
+    TcaError::Invalid(format!(
+        "policy {} runs on the CPU only (--backend cpu); the GPU runs exact, tca, block_topk and cumulative_threshold",
+        policy.name()
+    ))
+}
 
 /// What a GPU generation returns.
 #[derive(Debug, Clone)]
@@ -88,17 +107,22 @@ mod imp {
     use super::*;
     use crate::cuda::model::audit::{AuditOptions, LayerAuditor};
     use crate::cuda::model::generate::DecodeCache;
-    use crate::cuda::model::{GpuAttn, GpuModel};
+    use crate::cuda::model::{GpuAttn, GpuModel, GpuPeer};
 
     fn err(e: crate::cuda::GpuError) -> TcaError {
         TcaError::Backend(e.to_string())
     }
 
-    fn attn<'a>(tca: Tca<'a>) -> GpuAttn<'a> {
-        match tca {
+    fn attn<'a>(tca: Tca<'a>) -> Result<GpuAttn<'a>> {
+        Ok(match tca {
             None => GpuAttn::Exact,
-            Some((config, profile)) => GpuAttn::Tca { config, profile },
-        }
+            Some((Policy::Tca, config, profile)) => GpuAttn::Tca { config, profile },
+            Some((p, config, profile)) => GpuAttn::Peer {
+                peer: GpuPeer::from_policy(p).ok_or_else(|| gpu_refuses(p))?,
+                config,
+                profile,
+            },
+        })
     }
 
     impl Engine {
@@ -122,7 +146,7 @@ mod imp {
         pub fn score(&self, tokens: &[u32], tca: Tca, from: usize) -> Result<(Score, f64)> {
             let (s, st) = self
                 .gpu
-                .score(tokens, attn(tca), from, false, None)
+                .score(tokens, attn(tca)?, from, false, None)
                 .map_err(err)?;
             Ok((s, mean_keep(&st)))
         }
@@ -149,7 +173,13 @@ mod imp {
             });
             let (s, st) = self
                 .gpu
-                .score(tokens, attn(Some((cfg, profile))), 1, false, Some(&mut a))
+                .score(
+                    tokens,
+                    attn(Some((Policy::Tca, cfg, profile)))?,
+                    1,
+                    false,
+                    Some(&mut a),
+                )
                 .map_err(err)?;
             Ok((s, a.rows, mean_keep(&st), a.seconds))
         }
@@ -170,7 +200,7 @@ mod imp {
             };
             let g = self
                 .gpu
-                .generate(prompt, max_new, attn(tca), cache, eos)
+                .generate(prompt, max_new, attn(tca)?, cache, eos)
                 .map_err(err)?;
             Ok(GenOut {
                 keep_fraction: mean_keep(&g.stats),
@@ -237,7 +267,23 @@ pub use imp::no_cuda;
 
 #[cfg(test)]
 mod tests {
-    use super::GenOut;
+    use super::{gpu_refuses, gpu_runs, GenOut};
+    use crate::selection::policies::Policy;
+
+    #[test]
+    fn the_gpu_runs_tca_and_two_peers() {
+        let runs: Vec<&str> = Policy::ALL
+            .iter()
+            .filter(|&&p| gpu_runs(p))
+            .map(|p| p.name())
+            .collect();
+        assert_eq!(runs, ["tca", "block_topk", "cumulative_threshold"]);
+        let e = gpu_refuses(Policy::OracleTopK).to_string();
+        assert!(
+            e.contains("oracle_topk") && e.contains("--backend cpu"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn mean_regret_averages_steps_layers_and_heads() {

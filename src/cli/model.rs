@@ -73,6 +73,20 @@ impl AttentionKind {
         }
     }
 
+    /// Whether `--backend cuda` runs this attention: exact, TCA and the two peers whose
+    /// key sets the GPU builds from TCA's selection (block top-k, cumulative threshold).
+    pub fn on_gpu(self) -> bool {
+        self != AttentionKind::TcaCertified && self.policy().is_none_or(super::gpu::gpu_runs)
+    }
+
+    /// The error of `--backend cuda` with an attention it does not run.
+    pub fn gpu_refusal(self) -> TcaError {
+        TcaError::Invalid(format!(
+            "attention {} runs on the CPU only (--backend cpu); the GPU runs exact, tca, block_topk and cumulative_threshold",
+            self.name()
+        ))
+    }
+
     /// `cfg` as this attention runs it: certified-tau mode switched on for
     /// [`AttentionKind::TcaCertified`], unchanged otherwise.
     pub fn config(self, cfg: &Config) -> Config {

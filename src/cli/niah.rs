@@ -83,7 +83,8 @@ pub struct QualityNiahArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub rope: RopeArgs,
-    /// Where the model runs: cpu (f32; every attention) or cuda (exact and tca).
+    /// Where the model runs: cpu (f32; every attention) or cuda (exact, tca, block_topk,
+    /// cumulative_threshold).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
 }
@@ -350,17 +351,9 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
             "--answer-tokens must be at least 1".into(),
         ));
     }
-    let gpu_ok = [AttentionKind::Exact, AttentionKind::Tca];
     if a.backend == BackendKind::Cuda {
-        if let Some(k) = kinds
-            .iter()
-            .chain(&long_kinds)
-            .find(|k| !gpu_ok.contains(k))
-        {
-            return Err(TcaError::Invalid(format!(
-                "attention {} runs on the CPU only (--backend cpu); the GPU runs exact and tca",
-                k.name()
-            )));
+        if let Some(k) = kinds.iter().chain(&long_kinds).find(|k| !k.on_gpu()) {
+            return Err(k.gpu_refusal());
         }
     }
     let cfg = a.calibration.config()?;
@@ -463,19 +456,14 @@ pub fn run_quality_niah(a: QualityNiahArgs) -> Result<()> {
                                 } else {
                                     None
                                 };
-                                let tca = prof.as_ref().map(|p| (&cfg, p));
-                                let g = e.generate(
-                                    &case.prompt,
-                                    a.answer_tokens,
-                                    tca,
-                                    !full_decode,
-                                    eos,
-                                )?;
-                                let r = if p.is_some() && !full_decode {
-                                    g.mean_regret()
-                                } else {
-                                    f64::NAN
-                                };
+                                let tca = p.zip(prof.as_ref()).map(|(p, prof)| (p, &cfg, prof));
+                                // TCA decodes over its compacted cache (or the full one
+                                // with `full_decode`); the peers over the full cache, as
+                                // on the CPU.
+                                let compact = p == Some(Policy::Tca) && !full_decode;
+                                let g =
+                                    e.generate(&case.prompt, a.answer_tokens, tca, compact, eos)?;
+                                let r = if compact { g.mean_regret() } else { f64::NAN };
                                 (g.tokens, g.keep_fraction, r)
                             }
                             (None, Some(Policy::Tca)) if !full_decode => {

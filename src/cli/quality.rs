@@ -111,7 +111,8 @@ pub struct QualityPplArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub rope: RopeArgs,
-    /// Where the model runs: cpu (f32; every attention) or cuda (exact and tca).
+    /// Where the model runs: cpu (f32; every attention) or cuda (exact, tca, block_topk,
+    /// cumulative_threshold).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
 }
@@ -133,11 +134,8 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
         }
     }
     if a.backend == BackendKind::Cuda {
-        if let Some(k) = peers.first() {
-            return Err(TcaError::Invalid(format!(
-                "peer {} runs on the CPU only (--backend cpu); the GPU runs exact and tca",
-                k.name()
-            )));
+        if let Some(k) = peers.iter().find(|k| !k.on_gpu()) {
+            return Err(k.gpu_refusal());
         }
     }
     let cfg = a.calibration.config()?;
@@ -204,7 +202,8 @@ pub fn run_quality_ppl(a: QualityPplArgs) -> Result<()> {
                 let t = Instant::now();
                 match &engine {
                     Some(e) => {
-                        let (s, keep) = e.score(tokens, Some((&c, &profiles[i])), 1)?;
+                        let p = kind.policy().unwrap_or(Policy::Tca);
+                        let (s, keep) = e.score(tokens, Some((p, &c, &profiles[i])), 1)?;
                         (s, keep, t.elapsed().as_secs_f64())
                     }
                     None => {
@@ -487,7 +486,13 @@ fn run_quality_heads_gpu(a: QualityHeadsArgs) -> Result<()> {
     );
     // Eviction regret: decode over the compacted cache after the first L - N tokens.
     let prompt = &tokens[..n - a.decode_tokens];
-    let g = engine.generate(prompt, a.decode_tokens, Some((&cfg, &profile)), true, None)?;
+    let g = engine.generate(
+        prompt,
+        a.decode_tokens,
+        Some((Policy::Tca, &cfg, &profile)),
+        true,
+        None,
+    )?;
     let c = &model.llama.config;
     let group = c.n_heads / c.n_kv_heads;
     let mut rt = Table::default();

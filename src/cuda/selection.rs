@@ -3,6 +3,7 @@
 //! window into the decode cache.
 
 use super::{cfg, Ctx, DevHeads, Gpu, GpuError, GpuResult};
+use crate::selection::policies::BlockMarks;
 use cudarc::driver::{CudaEvent, CudaSlice, PushKernelArg};
 
 /// Keys per CTA of the logits kernel.
@@ -236,7 +237,19 @@ pub fn run_select(
     }
     .ctx("tca_rank_budget")?;
     rec(3)?;
-    // Per-block top-t and compaction; then the window into the decode cache.
+    run_compact(gpu, h, sel)?;
+    rec(4)?;
+    Ok(())
+}
+
+/// The last stage of [`run_select`]: per block the `budget` tokens of largest `u`
+/// (`tca_select_compact`) into GK/GV/gpos at `offs`, then the window into WK/WV.
+pub fn run_compact(gpu: &Gpu, h: &DevHeads, sel: &mut DevSelection) -> GpuResult<()> {
+    let st = &gpu.stream;
+    let (l, d) = (h.len as i32, h.dim);
+    let bt = (sel.block.div_ceil(32) * 32) as u32;
+    let (lc, b) = (sel.lc as i32, sel.block as i32);
+    let hkv = h.hkv;
     let f = gpu.func("tca_select_compact")?;
     let (gcap, di) = (sel.gcap as i32, d as i32);
     unsafe {
@@ -274,8 +287,66 @@ pub fn run_select(
             .launch(cfg((chunks.div_ceil(256) as u32, hkv as u32, 1), 256, 0))
     }
     .ctx("tca_copy_rows")?;
-    rec(4)?;
     Ok(())
+}
+
+/// A selection whose S_G per KV head is a key set chosen on the host (`marks[kv]`, see
+/// [`BlockMarks`]): u = the 0/1 marks, per-block budgets = the marked counts, offsets
+/// and |S_G| from them, then [`run_compact`] fills the compacted cache with the existing
+/// kernels (the top-t of a 0/1 block with t ones is its ones, in ascending order).
+/// `importance` [Hkv, L - w] is stored as the selection's s (what
+/// [`download_selection`] reports); ranks stay 0.
+pub fn select_key_sets(
+    gpu: &Gpu,
+    h: &DevHeads,
+    window: usize,
+    block: usize,
+    marks: &[BlockMarks],
+    importance: &[f32],
+) -> GpuResult<DevSelection> {
+    let lc = h.len.saturating_sub(window);
+    let nb = SelectParams::num_blocks(h.len, window, block);
+    if marks.len() != h.hkv
+        || importance.len() != h.hkv * lc
+        || marks
+            .iter()
+            .any(|m| m.scores.len() != lc || m.counts.len() != nb || m.offsets.len() != nb)
+    {
+        return Err(GpuError::Invalid(format!(
+            "key sets for {} KV heads over {} positions in {} blocks; expected {}, {lc}, {nb}",
+            marks.len(),
+            marks.first().map_or(0, |m| m.scores.len()),
+            marks.first().map_or(0, |m| m.counts.len()),
+            h.hkv
+        )));
+    }
+    let p = SelectParams {
+        window,
+        block,
+        alpha: 0.0,
+        mass_norm_max: false,
+        reduce_max: false,
+        table: marks
+            .iter()
+            .flat_map(|m| m.counts.iter().copied())
+            .collect(),
+    };
+    let mut sel = DevSelection::new(gpu, h, &p)?;
+    let flat = |f: fn(&BlockMarks) -> &[i32]| -> Vec<i32> {
+        marks.iter().flat_map(|m| f(m).iter().copied()).collect()
+    };
+    let scores: Vec<f32> = marks
+        .iter()
+        .flat_map(|m| m.scores.iter().copied())
+        .collect();
+    let counts: Vec<i32> = marks.iter().map(|m| m.counts.iter().sum()).collect();
+    sel.u = gpu.upload(&scores)?;
+    sel.s = gpu.upload(importance)?;
+    sel.budget = gpu.upload(&flat(|m| &m.counts))?;
+    sel.offs = gpu.upload(&flat(|m| &m.offsets))?;
+    sel.gcount = gpu.upload(&counts)?;
+    run_compact(gpu, h, &mut sel)?;
+    Ok(sel)
 }
 
 /// What the selection produced, on the host.

@@ -2,6 +2,7 @@
 //! [`GpuModel`] forward with exact or TCA attention, its errors as the CLI's.
 
 use super::forward::{ForwardStats, GpuAttn, GpuModel};
+use super::peers::GpuPeer;
 use crate::cli::model::{AttentionKind, CalibrationArgs};
 use crate::config::Config;
 use crate::cuda::GpuError;
@@ -35,7 +36,8 @@ pub struct GpuScore {
 }
 
 /// Scores `tokens[max(from, 1)..]` on the GPU with exact attention or TCA (the profile
-/// loaded or calibrated on the CPU as for the CPU backend). Other policies are CPU-only.
+/// loaded or calibrated on the CPU as for the CPU backend). Block top-k and the cumulative threshold run as key sets
+/// from TCA's GPU selection; the other policies are CPU-only.
 pub fn score(
     model: &Model,
     tokens: &[u32],
@@ -45,28 +47,30 @@ pub fn score(
     from: usize,
 ) -> Result<GpuScore> {
     let t0 = std::time::Instant::now();
-    let profile = match kind {
-        AttentionKind::Exact => None,
-        AttentionKind::Tca => Some(
+    if !kind.on_gpu() {
+        return Err(kind.gpu_refusal());
+    }
+    let profile = match kind.policy() {
+        None => None,
+        Some(_) => Some(
             calibration
                 .profiles(model, cfg, &[cfg.tau])?
                 .pop()
                 .ok_or_else(|| TcaError::Invalid("no profile".into()))?,
         ),
-        other => {
-            return Err(TcaError::Backend(format!(
-                "attention {} runs on the CPU only (--backend cpu); the GPU runs exact and tca",
-                other.name()
-            )))
-        }
     };
     let calibrate_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let gpu = open(&model.llama)?;
     let t2 = std::time::Instant::now();
-    let attn = match &profile {
-        None => GpuAttn::Exact,
-        Some(p) => GpuAttn::Tca {
+    let attn = match (&profile, kind.policy().and_then(GpuPeer::from_policy)) {
+        (None, _) => GpuAttn::Exact,
+        (Some(p), None) => GpuAttn::Tca {
+            config: cfg,
+            profile: p,
+        },
+        (Some(p), Some(peer)) => GpuAttn::Peer {
+            peer,
             config: cfg,
             profile: p,
         },

@@ -11,8 +11,9 @@
 //!
 //! Attention: dense causal ([`prefill::run_dense`]) or TCA (per layer and KV head the
 //! budgets of the multi-layer profile, the GPU selection [`run_select`] and the sparse
-//! prefill [`prefill::run_sparse`]); with L <= w TCA keeps every key and the dense kernel
-//! runs, as on the CPU.
+//! prefill [`prefill::run_sparse`]), or a peer policy as a key set built from TCA's
+//! selection of the layer ([`super::peers`]: block top-k, cumulative threshold); with
+//! L <= w TCA keeps every key and the dense kernel runs, as on the CPU.
 //!
 //! Checks: attention outputs and logit chunks are NaN-poisoned before their kernels;
 //! after each layer the non-finite values of x are counted on the device, and a forward
@@ -29,10 +30,12 @@ use super::super::{DIMS, GROUPS};
 use super::audit::LayerAuditor;
 use super::gemm::Blas;
 use super::glue::{self, KvRows};
+use super::peers::{self, GpuPeer};
 use super::weights::DevWeights;
 use crate::calibration::Profile;
 use crate::config::Config;
 use crate::model::llama::{Capture, Llama, LlamaConfig, QkvHook, Score};
+use crate::selection::policies::{block_topk, cumulative_threshold, Policy};
 use crate::selection::{kept_count, select};
 
 /// Target rows per logits chunk (`[CHUNK, vocab]` f32 on the device).
@@ -47,9 +50,46 @@ pub enum GpuAttn<'a> {
         config: &'a Config,
         profile: &'a Profile,
     },
+    /// A peer policy's key sets, made from TCA's selection of each layer
+    /// ([`super::peers`]).
+    Peer {
+        peer: GpuPeer,
+        config: &'a Config,
+        profile: &'a Profile,
+    },
 }
 
-/// What TCA kept at one layer (GPU selection).
+impl<'a> GpuAttn<'a> {
+    /// The configuration and profile of a sparse attention (TCA or a peer).
+    pub fn sparse(&self) -> Option<(&'a Config, &'a Profile)> {
+        match *self {
+            GpuAttn::Exact => None,
+            GpuAttn::Tca { config, profile }
+            | GpuAttn::Peer {
+                config, profile, ..
+            } => Some((config, profile)),
+        }
+    }
+
+    /// The peer, if this is one.
+    pub fn peer(&self) -> Option<GpuPeer> {
+        match *self {
+            GpuAttn::Peer { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// The policy this attention runs (`None`: exact).
+    pub fn policy(&self) -> Option<Policy> {
+        match *self {
+            GpuAttn::Exact => None,
+            GpuAttn::Tca { .. } => Some(Policy::Tca),
+            GpuAttn::Peer { peer, .. } => Some(peer.policy()),
+        }
+    }
+}
+
+/// What TCA (or a peer) kept at one layer (GPU selection).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerKeep {
     pub layer: usize,
@@ -58,7 +98,8 @@ pub struct LayerKeep {
     /// S_G per KV head (ascending positions).
     pub global: Vec<Vec<usize>>,
     /// With `check_selection`: per KV head, the size of the symmetric difference
-    /// between the GPU's S_G and the f64 oracle's on the same (bf16) Q, K, V.
+    /// between the GPU's S_G and the f64 oracle's (the same policy's) on the same
+    /// (bf16) Q, K, V.
     pub oracle_diff: Option<Vec<usize>>,
 }
 
@@ -114,8 +155,11 @@ pub(super) struct Work {
     pub(super) act: CudaSlice<u16>,
     /// Non-finite values of x after each layer.
     pub(super) bad: CudaSlice<u32>,
-    /// Per layer, TCA's selection buffers (`None`: dense attention at this layer).
+    /// Per layer, the selection the attention uses (`None`: dense attention at this
+    /// layer); for a peer, made in [`GpuModel::layers`] from `tca_sels`.
     pub(super) sels: Vec<Option<DevSelection>>,
+    /// A peer, its configuration and per layer TCA's selection buffers.
+    pub(super) peer: Option<(GpuPeer, Config, Vec<Option<DevSelection>>)>,
 }
 
 /// The model on one GPU: weights (f16) and a cuBLAS handle.
@@ -182,9 +226,9 @@ impl GpuModel {
         }
         let g = &self.gpu;
         let (cos, sin) = c.rope().tables(0, l + extra, d);
-        let sels = match attn {
-            GpuAttn::Exact => (0..c.n_layers).map(|_| None).collect(),
-            GpuAttn::Tca { config, profile } => {
+        let tca_sels = match attn.sparse() {
+            None => (0..c.n_layers).map(|_| None).collect(),
+            Some((config, profile)) => {
                 let m = &profile.model;
                 if (m.num_q_heads, m.num_kv_heads, m.head_dim) != (hq, hkv, d) {
                     return Err(GpuError::Invalid(format!(
@@ -219,6 +263,13 @@ impl GpuModel {
                     .collect::<GpuResult<Vec<_>>>()?
             }
         };
+        let (sels, peer) = match (attn.peer(), attn.sparse()) {
+            (Some(peer), Some((config, _))) => (
+                (0..c.n_layers).map(|_| None).collect(),
+                Some((peer, config.clone(), tca_sels)),
+            ),
+            _ => (tca_sels, None),
+        };
         let heads = DevHeads {
             q: g.alloc(hq * l * d)?,
             k: g.alloc(hkv * l * d)?,
@@ -250,6 +301,7 @@ impl GpuModel {
             act: g.alloc(l * c.ffn)?,
             bad: g.alloc(c.n_layers)?,
             sels,
+            peer,
         })
     }
 
@@ -310,9 +362,16 @@ impl GpuModel {
                 }
             }
             w.att.poison(g)?;
-            match w.sels[li].as_mut() {
-                None => prefill::run_dense(g, &w.heads, &mut w.att)?,
-                Some(sel) => {
+            if let Some((peer, cfg, tca_sels)) = w.peer.as_mut() {
+                if let Some(tsel) = tca_sels[li].as_mut() {
+                    run_select(g, &w.heads, tsel, None)?;
+                    w.sels[li] = Some(peers::peer_selection(g, &w.heads, tsel, *peer, cfg)?);
+                }
+            }
+            match (w.sels[li].as_mut(), w.peer.is_some()) {
+                (None, _) => prefill::run_dense(g, &w.heads, &mut w.att)?,
+                (Some(sel), true) => prefill::run_sparse(g, &w.heads, sel, &mut w.att)?,
+                (Some(sel), false) => {
                     run_select(g, &w.heads, sel, None)?;
                     prefill::run_sparse(g, &w.heads, sel, &mut w.att)?;
                 }
@@ -400,10 +459,8 @@ impl GpuModel {
         let g = &self.gpu;
         let mut w = self.work(tokens, attn, false, 0)?;
         let mut stats = ForwardStats::default();
-        let tca_cfg = match attn {
-            GpuAttn::Tca { config, profile } => Some((config, profile)),
-            GpuAttn::Exact => None,
-        };
+        let tca_cfg = attn.sparse();
+        let policy = attn.policy();
         {
             let mut inspect = |li: usize,
                                h: &DevHeads,
@@ -421,6 +478,13 @@ impl GpuModel {
                     let heads = download_heads(g, h)?.to_heads().map_err(tca_err)?;
                     let budgets = profile.budgets(li).map_err(tca_err)?;
                     let cpu = select(&heads, cfg, &budgets).map_err(tca_err)?;
+                    let cpu = match policy {
+                        Some(Policy::BlockTopK) => {
+                            block_topk(&heads, cfg, &cpu).map_err(tca_err)?
+                        }
+                        Some(Policy::CumulativeThreshold) => cumulative_threshold(&cpu, cfg.tau),
+                        _ => cpu,
+                    };
                     Some(
                         cpu.heads
                             .iter()

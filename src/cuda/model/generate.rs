@@ -94,10 +94,7 @@ impl GpuModel {
         if max_new == 0 {
             return Err(GpuError::Invalid("max_new must be at least 1".into()));
         }
-        let tca = match attn {
-            GpuAttn::Tca { config, profile } => Some((config, profile)),
-            GpuAttn::Exact => None,
-        };
+        let tca = attn.sparse();
         if let (DecodeCache::Compact { .. }, Some((cfg, _))) = (cache, tca) {
             // The CPU cache compacts once its window holds w + b tokens: the window starts
             // with min(L, w) and gains max_new - 1 appended tokens.

@@ -10,7 +10,9 @@ pub mod forward;
 pub mod gemm;
 pub mod generate;
 pub mod glue;
+pub mod peers;
 pub mod timing;
 pub mod weights;
 
 pub use forward::{keep_fraction, ForwardStats, GpuAttn, GpuModel, LayerKeep};
+pub use peers::GpuPeer;
