@@ -7,7 +7,11 @@
 #   checks            tca-gpu-model at 2K (GPU vs CPU: forward, TCA, generation, audit,
 #                     device diameters, RoPE yarn:2), prefill/decode throughput at 2K/8K,
 #                     CLI smoke runs, compute-sanitizer memcheck of the new paths
-#   niah TASK LENS ROPE SEEDS TAUS   tca quality-niah --backend cuda (20 depths)
+#   niah TASK LENS ROPE SEEDS TAUS [ATTN]   tca quality-niah --backend cuda (20 depths;
+#                     ATTN default exact,tca)
+#   grid SPEC...      several quality-niah runs in one call, each SPEC
+#                     NAME/TASKS/LENS/ROPE/ATTN/TAUS (3 seeds, 20 depths) into $W/NAME;
+#                     with ppl peer runs when a SPEC's TASKS is `ppl` (LENS ROPE ATTN TAUS)
 #   ppl               tca quality-ppl --backend cuda, 2K-8K native, 16K yarn:2, 32K yarn:4
 #   audit             tca quality-heads --backend cuda at 32K (yarn:4), 64K (yarn:8),
 #                     128K (yarn:16): every layer audited, eviction regret
@@ -31,6 +35,10 @@ case "$PHASE" in
 checks)
   timeout 300 "$STAGE/tca-gpu-model" --model "$GGUF" --tokens 2048 --profile "$P/tau0.9.json" \
     --lens 2048,8192 --iters 5 --out "$W"; echo "tca-gpu-model rc=$?"
+  echo "== calibrate-model --backend cuda (2K passage) vs the CPU's docs/quality/profiles/tau0.9.json =="
+  timeout 120 "$TCA" calibrate-model --backend cuda --model "$GGUF" --out "$W/cal_gpu_tau0.9.json" \
+    --force | tail -2; echo "calibrate-model rc=$?"
+  python3 "$HERE/bench/compare_profiles.py" "$P/tau0.9.json" "$W/cal_gpu_tau0.9.json"
   timeout 60 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 50 \
     --attention exact,tca --taus 0.9 --profile "$P/tau0.9.json" --out "$W/smoke" --force | tail -4
   echo "niah smoke rc=$?"
@@ -51,10 +59,29 @@ checks)
   ;;
 niah)
   TASK=$2; LENS=$3; ROPE=$4; SEEDS=${5:-1,2,3}; TAUS=${6:-0.5,0.7,0.8,0.9,0.95}
+  ATTN=${7:-exact,tca}
   timeout 560 "$TCA" quality-niah --backend cuda --model "$GGUF" --tasks "$TASK" --lengths "$LENS" \
-    --depths "$DEPTHS" --seeds "$SEEDS" --attention exact,tca --taus "$TAUS" \
+    --depths "$DEPTHS" --seeds "$SEEDS" --attention "$ATTN" --taus "$TAUS" \
     --rope-scaling "$ROPE" --profile "$PROFILES" --out "$W" --force | grep -v "^niah \|^mk_niah "
   echo "quality-niah rc=$?"
+  ;;
+grid)
+  shift
+  for spec in "$@"; do
+    IFS=/ read -r NAME TASKS LENS ROPE ATTN TAUS <<< "$spec"
+    t1=$(date +%s)
+    if [ "$TASKS" = ppl ]; then
+      timeout 300 "$TCA" quality-ppl --backend cuda --model "$GGUF" --lengths "$LENS" \
+        --taus "$TAUS" --peers "$ATTN" --peer-tau 0.9 --peer-max-len 1000000 \
+        --rope-scaling "$ROPE" --profile "$PROFILES" --out "$W/$NAME" --force | tail -20
+    else
+      timeout 560 "$TCA" quality-niah --backend cuda --model "$GGUF" --tasks "$TASKS" \
+        --lengths "$LENS" --depths "$DEPTHS" --seeds 1,2,3 --attention "$ATTN" --taus "$TAUS" \
+        --rope-scaling "$ROPE" --profile "$PROFILES" --out "$W/$NAME" --force \
+        | grep -v "^niah \|^mk_niah "
+    fi
+    echo "grid $spec rc=$? ($(( $(date +%s) - t1 )) s)"
+  done
   ;;
 ppl)
   for spec in "2048,4096,8192 none" "16384 yarn:2" "32768 yarn:4"; do
