@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU as the harness's engine (SmolLM2-135M on the H200), one phase per device call.
-# Inputs as bench/device-model.sh: bench/device-model-prep.sh's pieces carried in three
-# calls (`stage` with .devrun/m1, `stage` with .devrun/m2, then any phase with
-# .devrun/m3); the machine keeps them while it stays warm. Profiles: docs/quality/profiles.
+# Inputs as bench/device-model.sh: bench/device-model-prep.sh's pieces carried in four
+# calls (`stage` with .devrun/m1, m2 and m3 (GGUF pieces, essays), then any phase with
+# .devrun/m4 (binaries)); the machine keeps them while it stays warm. Profiles: docs/quality/profiles.
 # Phases (each writes $OUT/<phase>.tgz with its tables and log, and $OUT/<phase>.log):
 #   checks            tca-gpu-model at 2K (GPU vs CPU: forward, TCA, generation, audit,
 #                     device diameters, RoPE yarn:2), prefill/decode throughput at 2K/8K,

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Stages what bench/device-model.sh needs into three carry folders, each small enough to
-# travel with the working tree (64 MiB a call): .devrun/m1 and .devrun/m2 hold the first
-# two pieces of the GGUF, .devrun/m3 the last piece, its sha256 and the stripped, xz'd
-# `--features cuda` release binaries tca and tca-gpu-model. Run here (no GPU needed)
+# Stages what bench/device-model.sh needs into four carry folders, each small enough to
+# travel with the working tree (64 MiB a call, the tree ~29 MB): .devrun/m1, m2 and m3
+# hold the three pieces of the GGUF (m3 also its sha256; the caller may add the essays
+# there), .devrun/m4 the stripped, xz'd `--features cuda` release binaries tca and
+# tca-gpu-model. Run here (no GPU needed)
 # after `cargo build --release --features cuda`. Usage:
 #   bench/device-model-prep.sh [GGUF]   (default: $TCA_CACHE or cache/, SmolLM2 Q4_1)
-# Then three device calls, each within the machine's warm window of the one before:
-#   bench/device-model.sh stage   (carry .devrun/m1)
-#   bench/device-model.sh stage   (carry .devrun/m2)
-#   bench/device-model.sh         (carry .devrun/m3)
+# Then four device calls, each within the machine's warm window of the one before:
+#   bench/device-model.sh stage   (carry .devrun/m1; then m2, then m3)
+#   bench/device-model.sh         (carry .devrun/m4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}/release
@@ -18,9 +18,9 @@ for b in tca tca-gpu-model; do
   [ -x "$T/$b" ] || { echo "no $T/$b: cargo build --release --features cuda"; exit 1; }
 done
 git check-ignore -q .devrun/m1 || { echo "add .devrun/ to .git/info/exclude first"; exit 1; }
-rm -rf .devrun/m1 .devrun/m2 .devrun/m3
-mkdir -p .devrun/m1 .devrun/m2 .devrun/m3
-split -b 40000000 -d -a 1 "$GGUF" .devrun/gguf.part
+rm -rf .devrun/m1 .devrun/m2 .devrun/m3 .devrun/m4
+mkdir -p .devrun/m1 .devrun/m2 .devrun/m3 .devrun/m4
+split -b 37000000 -d -a 1 "$GGUF" .devrun/gguf.part
 mv .devrun/gguf.part0 .devrun/m1/
 mv .devrun/gguf.part1 .devrun/m2/
 mv .devrun/gguf.part2 .devrun/m3/
@@ -28,7 +28,7 @@ mv .devrun/gguf.part2 .devrun/m3/
 sha256sum "$GGUF" | cut -d' ' -f1 > .devrun/m3/gguf.sha256
 for b in tca tca-gpu-model; do
   strip -o ".devrun/$b" "$T/$b"
-  xz -1 -T2 -c ".devrun/$b" > ".devrun/m3/$b.xz"
+  xz -1 -T2 -c ".devrun/$b" > ".devrun/m4/$b.xz"
   rm ".devrun/$b"
 done
-du -sh .devrun/m1 .devrun/m2 .devrun/m3
+du -sh .devrun/m1 .devrun/m2 .devrun/m3 .devrun/m4

@@ -1,12 +1,12 @@
 # Sourced by bench/device-model.sh and bench/device-engine.sh on the device: gathers the
-# carried pieces of bench/device-model-prep.sh (.devrun/m1, m2, m3, and .devrun/bin) into
+# carried pieces of bench/device-model-prep.sh (.devrun/m1 ... m4, and .devrun/bin) into
 # $STAGE, which outlives a call while the machine stays warm; with `stage` as the first
 # argument stops there. Otherwise assembles and checks the GGUF, unpacks the binaries
 # (again when a newer .xz came), and sets GGUF, TCA, TCA_CUDA_INCLUDE, LD_LIBRARY_PATH.
 STAGE=${STAGE:-/var/tmp/tca-model}
 OUT=${OUT:-/tmp/tca-out}
 mkdir -p "$STAGE" "$OUT"
-for d in "$HERE"/.devrun/m1 "$HERE"/.devrun/m2 "$HERE"/.devrun/m3 "$HERE"/.devrun/bin; do
+for d in "$HERE"/.devrun/m1 "$HERE"/.devrun/m2 "$HERE"/.devrun/m3 "$HERE"/.devrun/m4 "$HERE"/.devrun/bin; do
   [ -d "$d" ] && cp -r "$d"/* "$STAGE"/
 done
 if [ "${1:-}" = stage ]; then ls -la "$STAGE"; exit 0; fi
