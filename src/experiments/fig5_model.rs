@@ -3,7 +3,8 @@
 //! at 2K-32K tokens (16K with YaRN x2, 32K with YaRN x4), and needle-in-a-haystack
 //! accuracy (single needle and RULER's multi-key variant) against length with Wilson
 //! 95 % intervals, for exact attention and TCA with its compacted cache and with full
-//! decoding; and the per-layer audit (`layer_audit`): mean gamma, the share of queries
+//! decoding, and the peer policies at TCA's tau = 0.9 budget (needles and perplexity
+//! against length); and the per-layer audit (`layer_audit`): mean gamma, the share of queries
 //! with gamma > 1 - tau and the eviction regret of each layer at 8K-128K. Drawn from the
 //! tables the commands wrote (docs/quality/gpu; commands and device time in
 //! docs/quality.md): the grid needs the GPU, so `tca reproduce` redraws, it does not
@@ -69,6 +70,29 @@ impl Rows {
     fn len(&self) -> usize {
         self.f.values().next().map_or(0, |v| v.len())
     }
+}
+
+/// `dir/*/name` for every subdirectory whose name starts with `prefix` and holds `name`,
+/// in name order (each device run writes its own folder).
+fn tables(dir: &Path, prefix: &str, name: &str) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| TcaError::Format {
+        path: dir.into(),
+        msg: format!("cannot list the measured quality tables: {e}"),
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path().join(name))
+        .filter(|p| p.exists())
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(TcaError::Format {
+            path: dir.into(),
+            msg: format!("no {prefix}*/{name} here (see docs/quality.md)"),
+        });
+    }
+    Ok(paths)
 }
 
 fn sorted_unique(v: &[f64]) -> Vec<f64> {
@@ -171,8 +195,11 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     table.write(&stem)?;
     files.extend([stem.with_extension("parquet"), stem.with_extension("csv")]);
     // NIAH: accuracy with Wilson intervals per (task, length, attention) at tau 0.9.
+    let mut summaries = tables(dir, "niah_", "niah_summary.csv")?;
+    summaries.extend(tables(dir, "mk_niah_", "niah_summary.csv")?);
+    summaries.extend(tables(dir, "peers_", "niah_summary.csv")?);
     let niah = Rows::read(
-        &["niah_2k_8k", "niah_16k", "niah_32k"].map(|d| dir.join(d).join("niah_summary.csv")),
+        &summaries,
         &[
             "length",
             "tau",
@@ -206,21 +233,23 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let nstem = ctx.stem("fig5_model_niah");
     ntab.write(&nstem)?;
     files.extend([nstem.with_extension("parquet"), nstem.with_extension("csv")]);
-    let niah_panel = |task: &str, t: f64| -> Panel {
+    // Accuracy against length with Wilson intervals for the attentions `atts` (name,
+    // label) of `task` at tau `t` (exact has no tau).
+    let niah_panel = |task: &str, t: f64, atts: &[(&str, &str)], title: &str| -> Panel {
         let mut series = Vec::new();
         let mut intervals = Vec::new();
-        for (a, name) in [
-            ("exact", "exact"),
-            ("tca_prefill_full_decode", "TCA prefill, full decode"),
-            ("tca", "TCA, compacted cache"),
-        ] {
-            let rows: Vec<usize> = (0..niah.len())
+        for &(a, name) in atts {
+            let mut rows: Vec<usize> = (0..niah.len())
                 .filter(|&i| {
                     niah.s("task")[i] == task
                         && niah.s("attention")[i] == a
                         && (a == "exact" || niah.f("tau")[i] == t)
                 })
                 .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            rows.sort_by(|&i, &j| niah.f("length")[i].total_cmp(&niah.f("length")[j]));
             series.push(Series {
                 name: name.into(),
                 points: rows
@@ -245,7 +274,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             .find(|&i| niah.s("task")[i] == task)
             .map_or(0.0, |i| niah.f("cases")[i]);
         Panel {
-            title: format!("{task} at tau {t} ({n} cases per point, Wilson 95 %)"),
+            title: format!("{task}{title} at tau {t} ({n} per point, Wilson 95 %)"),
             x: "tokens".into(),
             y: "accuracy".into(),
             series,
@@ -258,21 +287,109 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
             },
         }
     };
+    let tca_modes = [
+        ("exact", "exact"),
+        ("tca_prefill_full_decode", "TCA prefill, full decode"),
+        ("tca", "TCA, compacted cache"),
+    ];
+    let peers = [
+        ("exact", "exact"),
+        ("tca_prefill_full_decode", "TCA (full decode)"),
+        ("oracle_topk", "oracle top-k"),
+        ("streaming_llm", "StreamingLLM"),
+        ("block_topk", "block top-k"),
+        ("cumulative_threshold", "cumulative threshold"),
+    ];
+    let peer_ppl = peer_perplexity(ctx, dir, &mut files)?;
     let fig = Fig {
         title: "Fig. 5 on SmolLM2-135M-Instruct, measured on the H200 (b 64, w 256, column criterion; 16K with YaRN x2, 32K with YaRN x4; tca quality-ppl / quality-niah --backend cuda)".into(),
-        grid: (2, 3),
+        grid: (3, 3),
         panels: vec![
             Panel { title: "perplexity change vs exact".into(), x: "tau".into(), y: "%".into(), series: s_change, axes: Axes { legend: Some(SeriesLabelPosition::UpperRight), ..Axes::default() } },
             Panel { title: "top-1 agreement with exact".into(), x: "tau".into(), y: "fraction of positions".into(), series: s_agree, axes: Axes::default() },
             Panel { title: "keep fraction".into(), x: "tau".into(), y: "mean |S_i| / (i + 1)".into(), series: s_keep, axes: Axes::default() },
-            niah_panel("niah", 0.9),
-            niah_panel("niah", 0.95),
-            niah_panel("mk_niah", 0.9),
+            niah_panel("niah", 0.9, &tca_modes, ""),
+            niah_panel("niah", 0.95, &tca_modes, ""),
+            niah_panel("mk_niah", 0.9, &tca_modes, ""),
+            niah_panel("niah", 0.9, &peers, " vs peers"),
+            niah_panel("mk_niah", 0.9, &peers, " vs peers"),
+            peer_ppl,
         ],
     };
     files.extend(render(&stem, &fig)?);
     files.extend(layer_audit(ctx, dir)?);
     Ok(files)
+}
+
+/// The peers' perplexity change against exact attention per length at tau = 0.9
+/// (`ppl_peers_*`: `tca quality-ppl --backend cuda --peers ...`), written as the table
+/// `fig5_model_peers`, and its panel.
+fn peer_perplexity(ctx: &Context, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Panel> {
+    let ppl = Rows::read(
+        &tables(dir, "ppl_peers_", "ppl.csv")?,
+        &[
+            "length",
+            "tau",
+            "keep_fraction",
+            "perplexity",
+            "top1_agreement_exact",
+        ],
+        &["attention", "rope_scaling"],
+    )?;
+    let (len, att) = (ppl.f("length"), ppl.s("attention"));
+    let exact = |l: f64| {
+        (0..ppl.len())
+            .find(|&i| len[i] == l && att[i] == "exact")
+            .map_or(f64::NAN, |i| ppl.f("perplexity")[i])
+    };
+    let change = |i: usize| 100.0 * (ppl.f("perplexity")[i] / exact(len[i]) - 1.0);
+    let mut table = Table::default();
+    let mut names: Vec<String> = Vec::new();
+    for i in (0..ppl.len()).filter(|&i| att[i] != "exact") {
+        table.push(vec![
+            ("length", Val::U(len[i] as u64)),
+            ("rope_scaling", Val::S(ppl.s("rope_scaling")[i].clone())),
+            ("attention", Val::S(att[i].clone())),
+            ("tau", Val::F(ppl.f("tau")[i])),
+            ("keep_fraction", Val::F(ppl.f("keep_fraction")[i])),
+            ("exact_perplexity", Val::F(exact(len[i]))),
+            ("perplexity", Val::F(ppl.f("perplexity")[i])),
+            ("ppl_change_pct", Val::F(change(i))),
+            (
+                "top1_agreement_exact",
+                Val::F(ppl.f("top1_agreement_exact")[i]),
+            ),
+        ])?;
+        if !names.contains(&att[i]) {
+            names.push(att[i].clone());
+        }
+    }
+    let stem = ctx.stem("fig5_model_peers");
+    table.write(&stem)?;
+    files.extend([stem.with_extension("parquet"), stem.with_extension("csv")]);
+    let series = names
+        .iter()
+        .map(|a| {
+            let mut rows: Vec<usize> = (0..ppl.len()).filter(|&i| &att[i] == a).collect();
+            rows.sort_by(|&i, &j| len[i].total_cmp(&len[j]));
+            Series {
+                name: a.clone(),
+                points: rows.iter().map(|&i| (len[i], change(i))).collect(),
+                dashed: false,
+            }
+        })
+        .collect();
+    Ok(Panel {
+        title: "perplexity change vs exact at tau 0.9".into(),
+        x: "tokens".into(),
+        y: "%".into(),
+        series,
+        axes: Axes {
+            logx: true,
+            legend: Some(SeriesLabelPosition::UpperLeft),
+            ..Axes::default()
+        },
+    })
 }
 
 /// `layer_audit`: per layer, mean gamma, share of queries with gamma > 1 - tau and
