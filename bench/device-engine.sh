@@ -39,6 +39,15 @@ checks)
   timeout 120 "$TCA" calibrate-model --backend cuda --model "$GGUF" --out "$W/cal_gpu_tau0.9.json" \
     --force | tail -2; echo "calibrate-model rc=$?"
   python3 "$HERE/bench/compare_profiles.py" "$P/tau0.9.json" "$W/cal_gpu_tau0.9.json"
+  echo "== tca decode --backend cuda against the CPU's (layer 13 of a 2K GPU capture, 400 steps) =="
+  timeout 60 "$TCA" capture --backend cuda --model "$GGUF" --tokens 2048 --layers 13 \
+    --out /tmp/cap2k.safetensors --force | tail -1
+  for be in cpu cuda; do
+    timeout 120 "$TCA" decode --backend $be --input /tmp/cap2k.safetensors --layer 13 \
+      --config "$HERE/configs/model.toml" --profile "$P/tau0.9.json" --steps 400 \
+      --out "$W/decode_$be" --force | head -7; echo "decode --backend $be rc=$?"
+  done
+  python3 "$HERE/bench/compare_decode.py" "$W/decode_cpu" "$W/decode_cuda"
   timeout 60 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 50 \
     --attention exact,tca --taus 0.9 --profile "$P/tau0.9.json" --out "$W/smoke" --force | tail -4
   echo "niah smoke rc=$?"
@@ -55,6 +64,11 @@ checks)
       --attention exact,tca --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
       --out "$W/san" --force 2>&1 | grep -v "^\s*$" | tail -4
     echo "memcheck quality-niah rc=$?"
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
+      "$TCA" decode --backend cuda --input /tmp/cap2k.safetensors --layer 13 \
+      --config "$HERE/configs/model.toml" --profile "$P/tau0.9.json" --steps 150 2>&1 \
+      | grep -v "^\s*$" | tail -2
+    echo "memcheck decode --backend cuda rc=$?"
   fi
   ;;
 niah)

@@ -194,6 +194,73 @@ impl Backend {
             }
         }
     }
+
+    /// TCA's prefill on the first `prefill_len` tokens, then the rest decoded one at a
+    /// time over the compacted cache (docs/algorithm.md §3), every step audited against
+    /// the f64 oracle with S_i = what the cache held. On the CPU that is
+    /// [`crate::decode::decode`]; on the GPU the cache and its compactions run on the
+    /// device over the bf16-rounded inputs, the oracle sees the same rounded values and
+    /// the outputs are audited with the bf16 allowance.
+    pub fn decode(
+        &self,
+        heads: &Heads,
+        cfg: &Config,
+        budgets: &[Budget],
+        prefill_len: usize,
+    ) -> Result<crate::decode::DecodeReport> {
+        match self {
+            Backend::Cpu => crate::decode::decode(heads, cfg, budgets, prefill_len),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(g) => {
+                use crate::bound::{audit_row, Precision, PrefixStats};
+                use crate::decode::{DecodeReport, HeadCacheReport};
+                let seen = heads.rounded_to_bf16()?;
+                let run = g
+                    .decode_steps(&seen, cfg, budgets, prefill_len)
+                    .map_err(|e| TcaError::Backend(e.to_string()))?;
+                let stats = PrefixStats::of(&seen);
+                let mut audits = Vec::with_capacity(run.steps.len() * seen.num_q_heads());
+                for (t, held, o) in &run.steps {
+                    for h in 0..seen.num_q_heads() {
+                        let kv = seen.kv_of(h);
+                        audits.push(audit_row(
+                            &seen,
+                            &stats[kv],
+                            (h, *t),
+                            &held[kv],
+                            o.row(h),
+                            Precision::Bf16,
+                        )?);
+                    }
+                }
+                let (ix, d) = (&run.index, seen.dim());
+                let caches = (0..seen.num_kv_heads())
+                    .map(|kv| {
+                        let (global, window) = (ix.global[kv].len(), seen.len() - ix.lo);
+                        HeadCacheReport {
+                            kv_head: kv,
+                            global_tokens: global,
+                            window_tokens: window,
+                            peak_tokens: run.peak[kv],
+                            ceiling_tokens: global + ix.window + ix.block,
+                            kv_bytes: (global + window) * 2 * d * 2,
+                            index_bytes: (global + window) * std::mem::size_of::<usize>(),
+                            compactions: ix.compactions,
+                            block_keep: ix.block_keep[kv],
+                        }
+                    })
+                    .collect();
+                Ok(DecodeReport::from_parts(
+                    &seen,
+                    prefill_len,
+                    caches,
+                    audits,
+                    run.seconds_per_step,
+                    2,
+                ))
+            }
+        }
+    }
 }
 
 /// |a symmetric-difference b| of two ascending position lists.

@@ -134,11 +134,7 @@ impl KvCache {
     /// like the cache) into the global part and drops the rest.
     fn compact(&mut self, b: usize, score: &[f64]) {
         let (g, d) = (self.global_len(), self.d);
-        let mut idx: Vec<usize> = (0..b).collect();
-        idx.sort_by(|&x, &y| score[g + y].total_cmp(&score[g + x]).then(x.cmp(&y)));
-        idx.truncate(self.block_keep);
-        idx.sort_unstable();
-        for &n in &idx {
+        for n in compaction_keep(&score[g..g + b], self.block_keep) {
             let (k, v) = (
                 &self.window.k[n * d..(n + 1) * d],
                 &self.window.v[n * d..(n + 1) * d],
@@ -151,6 +147,103 @@ impl KvCache {
         self.window.v.drain(..b * d);
         self.window.pos.drain(..b);
         self.compactions += 1;
+    }
+}
+
+/// The block members a compaction keeps: the `keep` largest of `block_score` (the
+/// window's oldest b tokens, oldest first), ties to the older token, in ascending order.
+pub fn compaction_keep(block_score: &[f64], keep: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..block_score.len()).collect();
+    idx.sort_by(|&x, &y| block_score[y].total_cmp(&block_score[x]).then(x.cmp(&y)));
+    idx.truncate(keep);
+    idx.sort_unstable();
+    idx
+}
+
+/// The positions a compacted cache holds, for caches whose rows live elsewhere (the
+/// GPU's, `crate::cuda::compact_cache`): per KV head the global part (ascending), and
+/// the window `[lo, p]` shared by all KV heads. It follows [`KvCache`] step for step: a
+/// token at position p joins the window; once the window holds w + b tokens its oldest
+/// b leave it, and [`compaction_keep`] of them join the global part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheIndex {
+    pub global: Vec<Vec<usize>>,
+    /// First position of the window.
+    pub lo: usize,
+    pub window: usize,
+    pub block: usize,
+    /// Tokens kept from each compacted block, per KV head.
+    pub block_keep: Vec<usize>,
+    pub compactions: usize,
+}
+
+impl CacheIndex {
+    /// After a prefill of `prefill_len` tokens with S_G `global` (one list per KV head):
+    /// the window holds the last min(L, w) of them.
+    pub fn new(
+        global: Vec<Vec<usize>>,
+        prefill_len: usize,
+        cfg: &Config,
+        block_keep: Vec<usize>,
+    ) -> Result<Self> {
+        if global.len() != block_keep.len()
+            || global.iter().any(|g| {
+                g.windows(2).any(|w| w[0] >= w[1])
+                    || g.last()
+                        .is_some_and(|&j| j + cfg.window.min(prefill_len) >= prefill_len)
+            })
+        {
+            return Err(TcaError::Invalid(format!(
+                "a compacted cache needs one ascending S_G per KV head before the window \
+                 (prefill {prefill_len}, w = {}) and one block budget each",
+                cfg.window
+            )));
+        }
+        Ok(CacheIndex {
+            global,
+            lo: prefill_len - cfg.window.min(prefill_len),
+            window: cfg.window,
+            block: cfg.block_size,
+            block_keep,
+            compactions: 0,
+        })
+    }
+    /// Whether the cache compacts after the token at position `p` joined the window.
+    pub fn due(&self, p: usize) -> bool {
+        p + 1 - self.lo >= self.window + self.block
+    }
+    /// The positions KV head `kv` holds once position `p` joined (ascending).
+    pub fn positions(&self, kv: usize, p: usize) -> Vec<usize> {
+        self.global[kv].iter().copied().chain(self.lo..=p).collect()
+    }
+    /// Compacts the block `[lo, lo + b)` by the scores `block_score[kv]` (b each):
+    /// returns the positions moved to each KV head's global part.
+    pub fn compact(&mut self, block_score: &[Vec<f64>]) -> Result<Vec<Vec<usize>>> {
+        if block_score.len() != self.global.len()
+            || block_score.iter().any(|s| s.len() != self.block)
+        {
+            return Err(TcaError::Invalid(format!(
+                "compaction needs {} scores for each of {} KV heads",
+                self.block,
+                self.global.len()
+            )));
+        }
+        let moved: Vec<Vec<usize>> = block_score
+            .iter()
+            .zip(&self.block_keep)
+            .map(|(s, &t)| {
+                compaction_keep(s, t)
+                    .into_iter()
+                    .map(|n| self.lo + n)
+                    .collect()
+            })
+            .collect();
+        for (g, m) in self.global.iter_mut().zip(&moved) {
+            g.extend(m);
+        }
+        self.lo += self.block;
+        self.compactions += 1;
+        Ok(moved)
     }
 }
 
@@ -289,18 +382,106 @@ pub fn decode(
             audits.push(x?);
         }
     }
-    audits.sort_by_key(|a| (a.head, a.query));
-    let n = audits.len().max(1) as f64;
-    Ok(DecodeReport {
+    Ok(DecodeReport::from_parts(
+        heads,
         prefill_len,
-        steps,
-        full_tokens: heads.len(),
-        full_kv_bytes: heads.len() * 2 * heads.dim() * std::mem::size_of::<f64>(),
-        mean_gamma: audits.iter().map(|a| a.gamma).sum::<f64>() / n,
-        max_gamma: audits.iter().map(|a| a.gamma).fold(0.0, f64::max),
-        max_rel_err: audits.iter().map(|a| a.rel_err()).fold(0.0, f64::max),
-        seconds_per_step: seconds / steps as f64,
-        heads: heads_out,
+        heads_out,
         audits,
-    })
+        seconds / steps as f64,
+        std::mem::size_of::<f64>(),
+    ))
+}
+
+impl DecodeReport {
+    /// The report of a run over `heads` after a prefill of `prefill_len`: the caches'
+    /// reports, every step's audit (sorted here), seconds per step, and the bytes of one
+    /// K or V element (for the full cache's size).
+    pub fn from_parts(
+        heads: &Heads,
+        prefill_len: usize,
+        caches: Vec<HeadCacheReport>,
+        mut audits: Vec<QueryAudit>,
+        seconds_per_step: f64,
+        elem_bytes: usize,
+    ) -> Self {
+        audits.sort_by_key(|a| (a.head, a.query));
+        let n = audits.len().max(1) as f64;
+        DecodeReport {
+            prefill_len,
+            steps: heads.len() - prefill_len,
+            full_tokens: heads.len(),
+            full_kv_bytes: heads.len() * 2 * heads.dim() * elem_bytes,
+            mean_gamma: audits.iter().map(|a| a.gamma).sum::<f64>() / n,
+            max_gamma: audits.iter().map(|a| a.gamma).fold(0.0, f64::max),
+            max_rel_err: audits.iter().map(|a| a.rel_err()).fold(0.0, f64::max),
+            seconds_per_step,
+            heads: caches,
+            audits,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`CacheIndex`] holds the positions [`KvCache`] holds, at every step and through
+    /// compactions with ties, for two KV heads with different block budgets.
+    #[test]
+    fn cache_index_follows_kv_cache() {
+        let cfg = Config {
+            window: 8,
+            block_size: 4,
+            ..Config::default()
+        };
+        let prefill = 20;
+        let global = vec![vec![1, 5, 9], vec![0, 11]];
+        let keep = vec![2, 1];
+        let mut index = CacheIndex::new(global.clone(), prefill, &cfg, keep.clone()).unwrap();
+        let row = [0.0];
+        let mut caches: Vec<KvCache> = (0..2)
+            .map(|kv| {
+                let mut c = KvCache::new(1, keep[kv]);
+                for &j in &global[kv] {
+                    c.push_global(ArrayView1::from(&row), ArrayView1::from(&row), j);
+                }
+                for j in prefill - cfg.window..prefill {
+                    c.push_window(ArrayView1::from(&row), ArrayView1::from(&row), j);
+                }
+                c
+            })
+            .collect();
+        let mut compactions = 0;
+        for p in prefill..prefill + 30 {
+            let mut block_scores = Vec::new();
+            for (kv, c) in caches.iter_mut().enumerate() {
+                c.push_window(ArrayView1::from(&row), ArrayView1::from(&row), p);
+                assert_eq!(c.positions().collect::<Vec<_>>(), index.positions(kv, p));
+                // Scores with ties (multiples of 0.25), indexed like the cache.
+                let score: Vec<f64> = (0..c.len())
+                    .map(|n| ((n * 7 + p * 3 + kv) % 5) as f64 * 0.25)
+                    .collect();
+                let g = c.global_len();
+                block_scores.push(score[g..g + cfg.block_size].to_vec());
+                if c.window_len() >= cfg.window + cfg.block_size {
+                    c.try_compact(cfg.block_size, &score).unwrap();
+                }
+            }
+            if index.due(p) {
+                index.compact(&block_scores).unwrap();
+                compactions += 1;
+            }
+            for (kv, c) in caches.iter().enumerate() {
+                assert_eq!(c.positions().collect::<Vec<_>>(), index.positions(kv, p));
+            }
+        }
+        assert_eq!(compactions, 7);
+        assert_eq!(index.compactions, caches[0].compactions);
+        assert_eq!(compaction_keep(&[1.0, 3.0, 3.0, 0.5], 2), vec![1, 2]);
+        assert_eq!(compaction_keep(&[2.0, 2.0, 2.0], 1), vec![0]);
+        // S_G reaching into the window, or one budget short, is refused.
+        assert!(CacheIndex::new(vec![vec![15]], prefill, &cfg, vec![1]).is_err());
+        assert!(CacheIndex::new(global, prefill, &cfg, vec![1]).is_err());
+        assert!(index.compact(&[vec![0.0; 3], vec![0.0; 4]]).is_err());
+    }
 }

@@ -413,6 +413,32 @@ fn bad_input_is_an_error_not_a_panic() {
             "{err}"
         );
     }
+    // `decode --backend cuda` likewise: runs where it can (every step audited), else says
+    // why without a panic.
+    let o = tca(&[
+        "decode",
+        "--input",
+        &x,
+        "--config",
+        &cfg,
+        "--steps",
+        "40",
+        "--backend",
+        "cuda",
+    ]);
+    let (out, err) = text(&o);
+    if o.status.success() {
+        assert!(
+            out.contains("backend: cuda") && out.contains("compactions"),
+            "{out}"
+        );
+    } else {
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("backend:") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
     // A profile from another model shape.
     ok(&[
         "synth",

@@ -349,15 +349,22 @@ fn gpu_generation_and_the_layer_audit() {
         assert_eq!(step.iter().map(|l| l.len()).sum::<usize>(), n);
         assert!(step.iter().flatten().all(|r| (0.0..=1.0).contains(r)));
     }
-    assert!(g
+    // Past b new tokens the cache compacts as the CPU's does: 40 tokens after a 300-token
+    // prompt with w = 32, b = 16 make two compactions.
+    let long = g
         .generate(
             prompt,
-            17,
+            40,
             attn,
             DecodeCache::Compact { shadow: false },
-            None
+            None,
         )
-        .is_err());
+        .unwrap();
+    let mut pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof.clone()).unwrap();
+    let (_, cpu_cache) =
+        tca::model::sparse::generate_tca(&m.llama, prompt, 40, &mut pol, None).unwrap();
+    assert_eq!(long.compactions, 2);
+    assert_eq!(long.cache_tokens, cpu_cache.tokens_held());
     // Every layer audited: no violation of the true readings, gamma as the oracle's.
     let mut a = LayerAuditor::new(AuditOptions {
         tau: cfg.tau,

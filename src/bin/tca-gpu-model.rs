@@ -334,18 +334,49 @@ fn engine_checks(x: &Ctx, prof: &Profile, checks: &mut Checks) -> tca::Result<()
         "shape and range",
         shape_ok && in_range,
     );
-    let long = gm.generate(
-        &case.prompt,
-        cfg.block_size + 1,
-        attn,
-        DecodeCache::Compact { shadow: true },
-        eos,
+    // Past b new tokens the cache compacts: 2 b + 10 tokens (no eos) make two
+    // compactions, on the GPU as in the CPU's cache (src/model/sparse.rs, generate_tca).
+    let n_long = 2 * cfg.block_size + 10;
+    let long = gm
+        .generate(
+            &case.prompt,
+            n_long,
+            attn,
+            DecodeCache::Compact { shadow: true },
+            None,
+        )
+        .map_err(gpu_err)?;
+    let mut pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof.clone())?;
+    let (cpu_long, cpu_cache) =
+        tca::model::sparse::generate_tca(&model.llama, &case.prompt, n_long, &mut pol, None)?;
+    let same = long
+        .tokens
+        .iter()
+        .zip(&cpu_long)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let held_equal = long.cache_tokens == cpu_cache.tokens_held();
+    let rvals: Vec<f64> = long.regret.iter().flatten().flatten().copied().collect();
+    println!(
+        "generate tca, {n_long} tokens: {} compactions; cache tokens per layer and KV head {} the CPU's ({:?} on layer 0); tokens equal to the CPU's for the first {same} of {}; regret mean {:.4}, max {:.4}",
+        long.compactions,
+        if held_equal { "equal to" } else { "DIFFERENT from" },
+        long.cache_tokens.first(),
+        long.tokens.len(),
+        rvals.iter().sum::<f64>() / rvals.len().max(1) as f64,
+        rvals.iter().copied().fold(0.0, f64::max),
     );
     checks.add(
-        "generate tca: more than b new tokens refused",
-        0.0,
-        "error",
-        long.is_err(),
+        "generate tca: compactions past b new tokens (2 expected)",
+        long.compactions as f64,
+        "= 2",
+        long.compactions == 2,
+    );
+    checks.add(
+        "generate tca: cache tokens held = the CPU cache's",
+        held_equal as u8 as f64,
+        "equal",
+        held_equal && rvals.iter().all(|r| (0.0..=1.0).contains(r)),
     );
     // Per-layer audit of a TCA forward.
     let toks = &x.all[..x.a.tokens];

@@ -10,7 +10,6 @@ use crate::data::{
     load_safetensors, save_safetensors, synth as make_synth, write_new, HeadKind, Heads, SaveDtype,
     SynthSpec,
 };
-use crate::decode::decode as run_decode;
 use crate::error::{Result, TcaError};
 use crate::selection::Budget;
 use clap::Args;
@@ -142,6 +141,11 @@ pub struct DecodeArgs {
     /// Use a profile calibrated under another configuration; recorded in summary.json.
     #[arg(long)]
     pub allow_profile_mismatch: bool,
+    /// Where the prefill and the compacted cache run: the f64 oracle, or the CUDA
+    /// kernels (inputs rounded to bf16; every step audited against the f64 oracle on the
+    /// rounded values with the bf16 allowance).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
 }
 
 #[derive(Args, Debug)]
@@ -393,6 +397,12 @@ pub fn synth(a: SynthArgs) -> Result<()> {
 
 pub fn decode(a: DecodeArgs) -> Result<()> {
     let (heads, cfg, layer) = a.input.load()?;
+    // The GPU computes on bf16: calibration and the oracle see the same rounded values.
+    let heads = if a.backend == BackendKind::Cuda {
+        heads.rounded_to_bf16()?
+    } else {
+        heads
+    };
     if a.steps == 0 || a.steps >= heads.len() {
         return Err(TcaError::Invalid(format!(
             "--steps must lie in [1, L - 1] = [1, {}]",
@@ -417,7 +427,9 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
         layer,
         a.allow_profile_mismatch,
     )?;
-    let r = run_decode(&heads, &cfg, &b.budgets, prefill)?;
+    let backend = Backend::open(a.backend)?;
+    let r = backend.decode(&heads, &cfg, &b.budgets, prefill)?;
+    println!("backend: {}", backend.name());
     println!(
         "prefill {} tokens, decoded {} steps (b = {}, w = {})",
         r.prefill_len, r.steps, cfg.block_size, cfg.window
@@ -443,7 +455,12 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
     let total: usize = r.heads.iter().map(|h| h.kv_bytes).sum();
     let full = r.full_kv_bytes * r.heads.len();
     println!(
-        "KV bytes (f64 K and V): TCA {} vs full attention {} ({:.2}%); positions held: {} bytes",
+        "KV bytes ({} K and V): TCA {} vs full attention {} ({:.2}%); positions held: {} bytes",
+        if a.backend == BackendKind::Cuda {
+            "bf16"
+        } else {
+            "f64"
+        },
         total,
         full,
         100.0 * total as f64 / full as f64,
@@ -461,6 +478,11 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
             r.steps,
             heads.num_q_heads()
         ),
+        backend: backend.name(),
+        reference: match a.backend {
+            BackendKind::Cuda => "f64 oracle on the bf16-rounded inputs (exact row at each step, S_i = what the GPU's cache held, its output with the bf16 allowance)".into(),
+            BackendKind::Cpu => String::new(),
+        },
         in_sample: b.in_sample,
         profile_override: b.profile_override,
         ..AuditContext::default()

@@ -4,7 +4,7 @@
 use super::decode::{self, DevDecode};
 use super::prefill::{self, DevAttention};
 use super::selection::{download_selection, run_select, DevSelection, HostSelection, SelectParams};
-use super::{bf16_to_f32, DevHeads, Gpu, GpuError, GpuResult};
+use super::{bf16_to_f32, Ctx, DevHeads, Gpu, GpuError, GpuResult};
 use crate::config::{GqaReduce, MassNorm};
 use crate::reference::Attention;
 use crate::selection::Budget;
@@ -159,6 +159,101 @@ impl GpuBackend {
                 .map_err(|e| GpuError::Invalid(e.to_string()))?,
             lse: Array2::from_shape_vec((h.hq, 1), lse.iter().map(|&x| x as f64).collect())
                 .map_err(|e| GpuError::Invalid(e.to_string()))?,
+        })
+    }
+}
+
+/// A TCA decoding run on the GPU over a captured layer ([`GpuBackend::decode_steps`]).
+pub struct GpuDecodeRun {
+    /// Per decode step t (ascending): the positions each KV head's cache held and the
+    /// output of every query head `[Hq, d]`.
+    pub steps: Vec<(usize, Vec<Vec<usize>>, Array2<f64>)>,
+    /// The cache's positions at the end, and its peak tokens per KV head.
+    pub index: crate::decode::CacheIndex,
+    pub peak: Vec<usize>,
+    /// Wall time of the decode loop per step (each step downloads its output).
+    pub seconds_per_step: f64,
+}
+
+impl GpuBackend {
+    /// docs/algorithm.md §3 on the GPU: TCA's selection on the first `prefill_len`
+    /// tokens (none when prefill_len <= w), then tokens prefill_len .. L one at a time
+    /// over the compacted cache with its compactions
+    /// ([`super::compact_cache::DevCompactCache`]); the keys and values of a step come
+    /// from `heads` (rounded to bf16 on upload). The caller audits the outputs.
+    pub fn decode_steps(
+        &self,
+        heads: &Heads,
+        cfg: &Config,
+        budgets: &[Budget],
+        prefill_len: usize,
+    ) -> GpuResult<GpuDecodeRun> {
+        let l = heads.len();
+        if prefill_len == 0 || prefill_len >= l || budgets.len() != heads.num_kv_heads() {
+            return Err(GpuError::Invalid(format!(
+                "decode needs 1 <= prefill length < L and one budget per KV head: prefill \
+                 {prefill_len}, L = {l}, {} budgets",
+                budgets.len()
+            )));
+        }
+        let g = &self.gpu;
+        let full = DevHeads::from_heads(g, heads)?;
+        let d = full.dim;
+        let prefix = heads
+            .prefix(prefill_len)
+            .map_err(|e| GpuError::Invalid(e.to_string()))?;
+        let (global, sel) = if prefill_len > cfg.window {
+            let (h, sel) = self.prepare(&prefix, cfg, budgets)?;
+            g.sync()?;
+            (download_selection(g, &h, &sel)?.global, Some(sel))
+        } else {
+            (vec![Vec::new(); heads.num_kv_heads()], None)
+        };
+        let keep = budgets.iter().map(Budget::decode_budget).collect();
+        let index = crate::decode::CacheIndex::new(global, prefill_len, cfg, keep)
+            .map_err(|e| GpuError::Invalid(e.to_string()))?;
+        let mut cc =
+            super::compact_cache::DevCompactCache::new(g, index, sel.as_ref(), d, l - prefill_len)?;
+        let mut dec = DevDecode::new(g, &full, cc.gcap + cfg.window + cfg.block_size)?;
+        let t0 = std::time::Instant::now();
+        let mut steps = Vec::with_capacity(l - prefill_len);
+        for t in prefill_len..l {
+            dec.poison(g)?;
+            {
+                let (a, b) = cc.segments(&full.k, &full.v, l, t);
+                let q = full.q.slice(t * d..);
+                decode::run_segments(g, &full, q, l * d, &a, Some(&b), &mut dec)?;
+            }
+            let o = g.download(&dec.o)?;
+            if let Some(i) = o.iter().position(|x| !x.is_finite()) {
+                return Err(GpuError::Invalid(format!(
+                    "decode step {t}: non-finite output of query head {}",
+                    i / d
+                )));
+            }
+            let held = (0..full.hkv).map(|kv| cc.index.positions(kv, t)).collect();
+            let o = Array2::from_shape_vec((full.hq, d), o.iter().map(|&x| x as f64).collect())
+                .map_err(|e| GpuError::Invalid(e.to_string()))?;
+            steps.push((t, held, o));
+            if cc.index.due(t) {
+                let lse = g.download(&dec.lse)?;
+                let mut q = Vec::with_capacity(full.hq * d);
+                for h in 0..full.hq {
+                    let at = (h * l + t) * d;
+                    q.extend(
+                        g.stream
+                            .clone_dtoh(&full.q.slice(at..at + d))
+                            .ctx("download q")?,
+                    );
+                }
+                cc.after_step(g, t, &q, &lse, (&full.k, &full.v, l), cfg.gqa_reduce)?;
+            }
+        }
+        Ok(GpuDecodeRun {
+            seconds_per_step: t0.elapsed().as_secs_f64() / (l - prefill_len) as f64,
+            peak: cc.peak.clone(),
+            index: cc.index,
+            steps,
         })
     }
 }

@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod backend;
 pub mod bench_io;
+pub mod compact_cache;
 pub mod decode;
 pub mod f32path;
 pub mod model;

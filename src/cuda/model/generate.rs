@@ -11,13 +11,13 @@
 //! keys the compacted cache dropped, is 1 - exp(lse_compact - lse_full)
 //! ([`crate::bound::layers::regret`]).
 //!
-//! Deviation from the CPU decode (src/decode.rs): the compacted cache here never
-//! compacts a block of the window into S_G, so compact decoding is offered for at most b
-//! new tokens (the first compaction comes after b appended tokens); longer generations
-//! are refused with an error naming the limit.
+//! The compacted cache compacts as the CPU's does ([`DevCompactCache`]): once the window
+//! holds w + b tokens, the top floor(E_p[k]) of its oldest b (by the step's softmax,
+//! pooled over the group) join the global part, the rest leave the cache.
 
 use cudarc::driver::CudaSlice;
 
+use super::super::compact_cache::DevCompactCache;
 use super::super::decode::{run_segments, DevDecode, SegCount, Segment};
 use super::super::prefill::DevAttention;
 use super::super::selection::{download_selection, DevSelection};
@@ -25,6 +25,8 @@ use super::super::{Ctx, DevHeads, GpuError, GpuResult};
 use super::forward::{keep_fraction, ForwardStats, GpuAttn, GpuModel, LayerKeep, LayerKv};
 use super::glue::{self, KvRows};
 use crate::bound::layers::regret;
+use crate::config::GqaReduce;
+use crate::decode::CacheIndex;
 
 /// Which cache decoding reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +49,10 @@ pub struct Generation {
     /// Compact decoding: per decode step, per layer, per query head, the eviction
     /// regret (empty otherwise, and at layers without a selection).
     pub regret: Vec<Vec<Vec<f64>>>,
+    /// Compact decoding: compactions of each layer's cache (every layer compacts at
+    /// the same steps), and the tokens each layer's KV heads hold at the end.
+    pub compactions: usize,
+    pub cache_tokens: Vec<Vec<usize>>,
     /// Seconds of the prefill (to the first token on the host) and of the decode steps.
     pub prefill_s: f64,
     pub decode_s: f64,
@@ -95,16 +101,6 @@ impl GpuModel {
             return Err(GpuError::Invalid("max_new must be at least 1".into()));
         }
         let tca = attn.sparse();
-        if let (DecodeCache::Compact { .. }, Some((cfg, _))) = (cache, tca) {
-            // The CPU cache compacts once its window holds w + b tokens: the window starts
-            // with min(L, w) and gains max_new - 1 appended tokens.
-            if l.min(cfg.window) + max_new > cfg.window + cfg.block_size {
-                return Err(GpuError::Invalid(format!(
-                    "the GPU's compacted cache does not compact the window (yet): {max_new} new tokens after {l} would need it (b = {}, w = {})",
-                    cfg.block_size, cfg.window
-                )));
-            }
-        }
         let t0 = std::time::Instant::now();
         let cap = l + max_new;
         let mut w = self.work(prompt, attn, false, max_new)?;
@@ -141,6 +137,28 @@ impl GpuModel {
                 None
             };
             self.layers(&mut w, c.n_layers - 1, inspect, Some(&mut caches))?;
+        }
+        // The compacted caches, per layer, from the prefill's S_G (empty where L <= w);
+        // they exist only with a sparse attention's configuration.
+        let reduce = tca.map_or(GqaReduce::Mean, |(cfg, _)| cfg.gqa_reduce);
+        let mut compact: Vec<Option<DevCompactCache>> = Vec::new();
+        if let (DecodeCache::Compact { .. }, Some((cfg, profile))) = (cache, tca) {
+            for li in 0..c.n_layers {
+                let global = match out.stats.keep.iter().find(|k| k.layer == li) {
+                    Some(k) => k.global.clone(),
+                    None => vec![Vec::new(); hkv],
+                };
+                let keep = profile
+                    .budgets(li)
+                    .map_err(|e| GpuError::Invalid(e.to_string()))?
+                    .iter()
+                    .map(|b| b.decode_budget())
+                    .collect();
+                let index = CacheIndex::new(global, l, cfg, keep)
+                    .map_err(|e| GpuError::Invalid(e.to_string()))?;
+                let sel = w.sels[li].as_ref();
+                compact.push(Some(DevCompactCache::new(g, index, sel, d, max_new)?));
+            }
         }
         let mut st = Step {
             tok: g.alloc(1)?,
@@ -228,23 +246,13 @@ impl GpuModel {
                     stride: cap,
                 };
                 st.dec.poison(g)?;
-                match (cache, w.sels[li].as_ref()) {
-                    (DecodeCache::Compact { shadow }, Some(sel)) => {
-                        let global = Segment {
-                            k: sel.gk.slice(..),
-                            v: sel.gv.slice(..),
-                            count: SegCount::Device(&sel.gcount),
-                            stride: sel.gcap,
-                        };
-                        let lo = l - sel.window;
-                        let window = Segment {
-                            k: kv.k.slice(lo * d..),
-                            v: kv.v.slice(lo * d..),
-                            count: SegCount::Fixed(p + 1 - lo),
-                            stride: cap,
-                        };
-                        let qv = st.q.slice(..);
-                        run_segments(g, &st.shape, qv, d, &global, Some(&window), &mut st.dec)?;
+                match (cache, compact.get_mut(li).and_then(Option::as_mut)) {
+                    (DecodeCache::Compact { shadow }, Some(cc)) => {
+                        {
+                            let (global, window) = cc.segments(&kv.k, &kv.v, cap, p);
+                            let qv = st.q.slice(..);
+                            run_segments(g, &st.shape, qv, d, &global, Some(&window), &mut st.dec)?;
+                        }
                         if shadow {
                             st.shadow.poison(g)?;
                             let qv = st.q.slice(..);
@@ -253,13 +261,15 @@ impl GpuModel {
                             let lf = g.download(&st.shadow.lse)?;
                             step_regret.push(regret(&lc, &lf));
                         }
+                        if cc.index.due(p) {
+                            let q = g.download(&st.q)?;
+                            let lse = g.download(&st.dec.lse)?;
+                            cc.after_step(g, p, &q, &lse, (&kv.k, &kv.v, cap), reduce)?;
+                        }
                     }
                     _ => {
                         let qv = st.q.slice(..);
                         run_segments(g, &st.shape, qv, d, &full, None, &mut st.dec)?;
-                        if matches!(cache, DecodeCache::Compact { shadow: true }) && tca.is_some() {
-                            step_regret.push(vec![0.0; hq]);
-                        }
                     }
                 }
                 glue::to_f16(g, &st.dec.o, &mut st.merged)?;
@@ -286,6 +296,20 @@ impl GpuModel {
             next = self.head_argmax(&xs, &mut st.head)?;
         }
         out.decode_s = t1.elapsed().as_secs_f64();
+        out.compactions = compact
+            .first()
+            .and_then(Option::as_ref)
+            .map_or(0, |cc| cc.index.compactions);
+        // The last decode step put position l + steps - 1 into the caches.
+        let end = l + out.tokens.len() - 1;
+        out.cache_tokens = compact
+            .iter()
+            .flatten()
+            .map(|cc| {
+                let ix = &cc.index;
+                ix.global.iter().map(|g| g.len() + end - ix.lo).collect()
+            })
+            .collect();
         Ok(out)
     }
 
