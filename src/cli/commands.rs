@@ -485,7 +485,6 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
         },
         in_sample: b.in_sample,
         profile_override: b.profile_override,
-        ..AuditContext::default()
     };
     println!("== Theorem 1 at every decode step");
     print!("{}", verdict_table(&summary));
