@@ -293,10 +293,10 @@ fn perplexity_cli_on_the_cuda_backend() {
             println!("skipping GPU part: {e}");
         }
     }
-    // A policy the GPU does not run is refused on any machine, before the device.
+    // An attention the GPU does not run is refused on any machine, before the device.
     let e = perplexity(&PerplexityArgs {
         rope: Default::default(),
-        attention: AttentionKind::StreamingLlm,
+        attention: AttentionKind::TcaCertified,
         ..args
     })
     .unwrap_err()

@@ -95,6 +95,13 @@ impl GpuModel {
             return Err(GpuError::Invalid("max_new must be at least 1".into()));
         }
         let tca = attn.sparse();
+        if let (DecodeCache::Compact { .. }, Some(rule)) =
+            (cache, attn.peer().and_then(|p| p.rows()))
+        {
+            return Err(GpuError::Invalid(format!(
+                "{rule:?} chooses keys per query and has no compacted cache: it decodes with the full cache (as on the CPU)"
+            )));
+        }
         if let (DecodeCache::Compact { .. }, Some((cfg, _))) = (cache, tca) {
             // The CPU cache compacts once its window holds w + b tokens: the window starts
             // with min(L, w) and gains max_new - 1 appended tokens.
@@ -131,6 +138,7 @@ impl GpuModel {
                         keep_fraction: keep_fraction(&hs.global, cfg.window, h.len),
                         global: hs.global,
                         oracle_diff: None,
+                        key_set_diff: None,
                     });
                 }
                 Ok(())
