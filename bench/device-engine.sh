@@ -29,7 +29,7 @@ t0=$(date +%s)
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "$PHASE" in
 checks)
-  timeout 300 "$STAGE/tca-gpu-model" --model "$GGUF" --tokens 2048 --profile "$P/tau0.9.json" \
+  timeout 480 "$STAGE/tca-gpu-model" --model "$GGUF" --tokens 2048 --profile "$P/tau0.9.json" \
     --lens 2048,8192 --iters 5 --out "$W"; echo "tca-gpu-model rc=$?"
   timeout 60 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 50 \
     --attention exact,tca --taus 0.9 --profile "$P/tau0.9.json" --out "$W/smoke" --force | tail -4
@@ -47,6 +47,12 @@ checks)
       --attention exact,tca --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
       --out "$W/san" --force 2>&1 | grep -v "^\s*$" | tail -4
     echo "memcheck quality-niah rc=$?"
+    echo "== compute-sanitizer memcheck: quality-niah oracle_topk, streaming_llm (kernels/peers.cu) =="
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
+      "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 --depths 50 \
+      --attention oracle_topk,streaming_llm --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
+      --out "$W/san_rows" --force 2>&1 | grep -v "^\s*$" | tail -4
+    echo "memcheck quality-niah peers rc=$?"
   fi
   ;;
 niah)
