@@ -42,6 +42,9 @@ struct Args {
     /// Prefill lengths to time (may exceed the model's context: throughput only).
     #[arg(long, value_delimiter = ',', default_value = "2048,8192,32768")]
     lens: Vec<usize>,
+    /// Peers whose prefill is timed too (needs --profile), e.g. oracle_topk,streaming_llm.
+    #[arg(long, value_delimiter = ',')]
+    time_peers: Vec<String>,
     /// Timed prefills per length and attention.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -558,6 +561,17 @@ fn run(a: &Args) -> tca::Result<bool> {
         }
     }
     let (cfg, profile, gm, all) = (&x.cfg, &x.profile, &x.gm, &x.all);
+    let peers = a
+        .time_peers
+        .iter()
+        .map(|n| {
+            Policy::ALL
+                .into_iter()
+                .find(|p| p.name() == n.trim())
+                .and_then(GpuPeer::from_policy)
+                .ok_or_else(|| tca::TcaError::Invalid(format!("--time-peers: {n:?} is not a peer")))
+        })
+        .collect::<tca::Result<Vec<_>>>()?;
     println!(
         "== prefill throughput (all layers, CUDA events, median of {}) ==",
         a.iters
@@ -579,6 +593,16 @@ fn run(a: &Args) -> tca::Result<bool> {
                         profile: p,
                     },
                 ));
+                for peer in &peers {
+                    kinds.push((
+                        peer.policy().name(),
+                        GpuAttn::Peer {
+                            peer: *peer,
+                            config: cfg,
+                            profile: p,
+                        },
+                    ));
+                }
             }
         }
         for (name, attn) in kinds {
