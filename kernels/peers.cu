@@ -13,7 +13,7 @@
 // h / (Hq / Hkv). One CTA of PT threads per (query row i, query head h); a launch serves
 // rows [row0, row1) (grid.x = row1 - row0, late rows first), with dynamic shared memory
 // for (row1) f32 scores: the launcher cuts L into bands so short rows ask for less.
-// Scores are f32 dot products of the bf16 values (8 lanes per key, bf16 pairs
+// Scores are f32 dot products of the bf16 values (8 lanes per key, 8-byte chunks
 // interleaved, a fixed summation order), stored once and reused for the select, the max
 // and the weights, so the kept set and the softmax see the same numbers. -0 is stored
 // as +0 (equal scores tie, as on the CPU). With a non-null mask [Hq, L, ceil(L / 32)]
@@ -27,6 +27,14 @@ typedef unsigned int u32;
 #define NEG_INF_F (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float bf(u32 x) { return __uint_as_float(x << 16); }
+
+// Four bf16 (8 bytes, in memory order) as f32.
+__device__ __forceinline__ void unpack4(uint2 w, float* f) {
+    f[0] = bf(w.x & 0xffffu);
+    f[1] = bf(w.x >> 16);
+    f[2] = bf(w.y & 0xffffu);
+    f[3] = bf(w.y >> 16);
+}
 
 // f32 -> bf16 bits, round to nearest even.
 __device__ __forceinline__ u16 to_bf16(float x) {
@@ -50,7 +58,7 @@ __device__ __forceinline__ void peer_body(const u16* __restrict__ Q, const u16* 
                                           u16* __restrict__ O, float* __restrict__ LSE,
                                           u32* __restrict__ mask, int L, int Hq, int Hkv,
                                           int row0, int row1, int sinks, float scale_log2) {
-    constexpr int P = D / 16;  // bf16 pairs per lane of an 8-lane key group
+    constexpr int C = D / 32;  // 4-element (8-byte) chunks per lane of an 8-lane key group
     extern __shared__ float sS[];  // [n] scores of the row's candidates
     __shared__ u32 hist[256];
     __shared__ u32 scan[PT];
@@ -77,16 +85,12 @@ __device__ __forceinline__ void peer_body(const u16* __restrict__ Q, const u16* 
     const u16* Kh = K + (size_t)kv * L * D;
     const u16* Vh = V + (size_t)kv * L * D;
 
-    // q: pairs t * 8 + sub of the row (f32).
-    float qf[2 * P];
+    // q: chunks t * 8 + sub of the row (f32).
+    float qf[4 * C];
     {
-        const u32* qp = reinterpret_cast<const u32*>(Q + ((size_t)h * L + i) * D);
+        const uint2* qp = reinterpret_cast<const uint2*>(Q + ((size_t)h * L + i) * D);
 #pragma unroll
-        for (int t = 0; t < P; t++) {
-            u32 w = qp[t * 8 + sub];
-            qf[2 * t] = bf(w & 0xffffu);
-            qf[2 * t + 1] = bf(w >> 16);
-        }
+        for (int t = 0; t < C; t++) unpack4(qp[t * 8 + sub], qf + 4 * t);
     }
 
     // Scores of every candidate: a warp takes 4 candidates per step (uniform bounds).
@@ -95,13 +99,14 @@ __device__ __forceinline__ void peer_body(const u16* __restrict__ Q, const u16* 
     for (int c0 = warp * 4; c0 < n; c0 += NW * 4) {
         const int c = c0 + kg;
         const int j = key_of(min(c, n - 1), s, r);
-        const u32* kp = reinterpret_cast<const u32*>(Kh + (size_t)j * D);
+        const uint2* kp = reinterpret_cast<const uint2*>(Kh + (size_t)j * D);
         float acc = 0.f;
 #pragma unroll
-        for (int t = 0; t < P; t++) {
-            u32 w = kp[t * 8 + sub];
-            acc = fmaf(qf[2 * t], bf(w & 0xffffu), acc);
-            acc = fmaf(qf[2 * t + 1], bf(w >> 16), acc);
+        for (int t = 0; t < C; t++) {
+            float kf[4];
+            unpack4(kp[t * 8 + sub], kf);
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc = fmaf(qf[4 * t + e], kf[e], acc);
         }
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
@@ -214,9 +219,9 @@ __device__ __forceinline__ void peer_body(const u16* __restrict__ Q, const u16* 
 
     // Softmax weights and O over the kept candidates: 4 candidates per warp step, each
     // 8-lane group accumulating its pairs of V.
-    float o[2 * P];
+    float o[4 * C];
 #pragma unroll
-    for (int e = 0; e < 2 * P; e++) o[e] = 0.f;
+    for (int e = 0; e < 4 * C; e++) o[e] = 0.f;
     float l = 0.f;
 #pragma unroll 2
     for (int c0 = warp * 4; c0 < n; c0 += NW * 4) {
@@ -232,19 +237,20 @@ __device__ __forceinline__ void peer_body(const u16* __restrict__ Q, const u16* 
                     const int words = (L + 31) / 32;
                     atomicOr(&mask[((size_t)h * L + i) * words + (j >> 5)], 1u << (j & 31));
                 }
-                const u32* vp = reinterpret_cast<const u32*>(Vh + (size_t)j * D);
+                const uint2* vp = reinterpret_cast<const uint2*>(Vh + (size_t)j * D);
 #pragma unroll
-                for (int t = 0; t < P; t++) {
-                    u32 w = vp[t * 8 + sub];
-                    o[2 * t] = fmaf(p, bf(w & 0xffffu), o[2 * t]);
-                    o[2 * t + 1] = fmaf(p, bf(w >> 16), o[2 * t + 1]);
+                for (int t = 0; t < C; t++) {
+                    float vf[4];
+                    unpack4(vp[t * 8 + sub], vf);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) o[4 * t + e] = fmaf(p, vf[e], o[4 * t + e]);
                 }
             }
         }
     }
     // Sum the 4 key groups of the warp, then the warps (fixed order).
 #pragma unroll
-    for (int e = 0; e < 2 * P; e++) {
+    for (int e = 0; e < 4 * C; e++) {
         o[e] += __shfl_xor_sync(0xffffffffu, o[e], 8);
         o[e] += __shfl_xor_sync(0xffffffffu, o[e], 16);
     }
@@ -252,9 +258,9 @@ __device__ __forceinline__ void peer_body(const u16* __restrict__ Q, const u16* 
     l += __shfl_xor_sync(0xffffffffu, l, 16);
     if (kg == 0) {
 #pragma unroll
-        for (int t = 0; t < P; t++) {
-            sO[warp][2 * (t * 8 + sub)] = o[2 * t];
-            sO[warp][2 * (t * 8 + sub) + 1] = o[2 * t + 1];
+        for (int t = 0; t < C; t++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) sO[warp][4 * (t * 8 + sub) + e] = o[4 * t + e];
         }
         if (sub == 0) sL[warp] = l;
     }
