@@ -196,6 +196,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_dim_has_a_kernel_with_the_launchers_block_size() {
+        let src = include_str!("../../kernels/peers.cu");
+        for &d in DIMS {
+            assert!(src.contains(&format!("PEERS({d})")), "d {d}");
+        }
+        assert!(src.contains(&format!("#define PT {THREADS}")));
+    }
+
+    #[test]
     fn bands_cover_every_row_once() {
         for len in [1, 5, 1023, 1024, 1025, 2048, 5000, 32_768, 55_000] {
             let b = row_bands(len);
