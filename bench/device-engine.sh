@@ -11,6 +11,7 @@
 #   ppl               tca quality-ppl --backend cuda, 2K-8K native, 16K yarn:2, 32K yarn:4
 #   audit             tca quality-heads --backend cuda at 32K (yarn:4), 64K (yarn:8),
 #                     128K (yarn:16): every layer audited, eviction regret
+#   peers             the four peers: prefill throughput at 8K and 32K (yarn:4), NIAH at 4K
 #   speed             per-layer attention on real heads at 32K-128K (tca-gpu-model
 #                     --layer-timing, yarn:16), whole-model prefill/decode throughput,
 #                     PyTorch SDPA (cuDNN, flash) on the captured real Q/K/V
@@ -92,6 +93,18 @@ speed)
       --capture /tmp/cap$1.safetensors --out "$W/sdpa_real.csv" --iters 5; echo "sdpa_real $1 rc=$?"
     rm -f /tmp/cap$1.safetensors
   done
+  ;;
+peers)
+  # The four peers on the GPU (issue 10): whole-model prefill at 8K and 32K (yarn:4) for
+  # exact, tca and each peer, then a NIAH smoke run of all six attentions at 4K.
+  timeout 420 "$STAGE/tca-gpu-model" --model "$GGUF" --skip-check --rope-scaling yarn:4 \
+    --profile "$P/tau0.9.json" --lens 8192,32768 --iters 2 \
+    --time-peers oracle_topk,streaming_llm,block_topk,cumulative_threshold --out "$W"
+  echo "tca-gpu-model rc=$?"
+  timeout 150 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 10,50,90 \
+    --attention exact,tca,oracle_topk,streaming_llm,block_topk,cumulative_threshold --taus 0.9 \
+    --profile "$P/tau0.9.json" --out "$W/niah" --force | tail -8
+  echo "niah peers rc=$?"
   ;;
 decode)
   # Decode throughput without the shadow pass (and prefill), yarn:16; then the Hopper
