@@ -15,6 +15,7 @@
 #   ppl               tca quality-ppl --backend cuda, 2K-8K native, 16K yarn:2, 32K yarn:4
 #   audit             tca quality-heads --backend cuda at 32K (yarn:4), 64K (yarn:8),
 #                     128K (yarn:16): every layer audited, eviction regret
+#   peers             the four peers: prefill throughput at 8K and 32K (yarn:4), NIAH at 4K
 #   speed             per-layer attention on real heads at 32K-128K (tca-gpu-model
 #                     --layer-timing, yarn:16), whole-model prefill/decode throughput,
 #                     PyTorch SDPA (cuDNN, flash) on the captured real Q/K/V
@@ -33,7 +34,7 @@ t0=$(date +%s)
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "$PHASE" in
 checks)
-  timeout 300 "$STAGE/tca-gpu-model" --model "$GGUF" --tokens 2048 --profile "$P/tau0.9.json" \
+  timeout 480 "$STAGE/tca-gpu-model" --model "$GGUF" --tokens 2048 --profile "$P/tau0.9.json" \
     --lens 2048,8192 --iters 5 --out "$W"; echo "tca-gpu-model rc=$?"
   echo "== calibrate-model --backend cuda (2K passage) vs the CPU's docs/quality/profiles/tau0.9.json =="
   timeout 120 "$TCA" calibrate-model --backend cuda --model "$GGUF" --out "$W/cal_gpu_tau0.9.json" \
@@ -69,6 +70,12 @@ checks)
       --config "$HERE/configs/model.toml" --profile "$P/tau0.9.json" --steps 150 2>&1 \
       | grep -v "^\s*$" | tail -2
     echo "memcheck decode --backend cuda rc=$?"
+    echo "== compute-sanitizer memcheck: quality-niah oracle_topk, streaming_llm (kernels/peers.cu) =="
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
+      "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 --depths 50 \
+      --attention oracle_topk,streaming_llm --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
+      --out "$W/san_rows" --force 2>&1 | grep -v "^\s*$" | tail -4
+    echo "memcheck quality-niah peers rc=$?"
   fi
   ;;
 niah)
@@ -127,6 +134,18 @@ speed)
       --capture /tmp/cap$1.safetensors --out "$W/sdpa_real.csv" --iters 5; echo "sdpa_real $1 rc=$?"
     rm -f /tmp/cap$1.safetensors
   done
+  ;;
+peers)
+  # The four peers on the GPU (issue 10): whole-model prefill at 8K and 32K (yarn:4) for
+  # exact, tca and each peer, then a NIAH smoke run of all six attentions at 4K.
+  timeout 420 "$STAGE/tca-gpu-model" --model "$GGUF" --skip-check --rope-scaling yarn:4 \
+    --profile "$P/tau0.9.json" --lens 8192,32768 --iters 2 \
+    --time-peers oracle_topk,streaming_llm,block_topk,cumulative_threshold --out "$W"
+  echo "tca-gpu-model rc=$?"
+  timeout 150 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 10,50,90 \
+    --attention exact,tca,oracle_topk,streaming_llm,block_topk,cumulative_threshold --taus 0.9 \
+    --profile "$P/tau0.9.json" --out "$W/niah" --force | tail -8
+  echo "niah peers rc=$?"
   ;;
 decode)
   # Decode throughput without the shadow pass (and prefill), yarn:16; then the Hopper

@@ -182,6 +182,7 @@ fn gpu_peer_key_sets_match_the_cpu_policies() {
         let cpu = match peer {
             GpuPeer::BlockTopK => block_topk(&heads, &cfg, &cpu_tca).unwrap(),
             GpuPeer::CumulativeThreshold => cumulative_threshold(&cpu_tca, cfg.tau),
+            other => panic!("{other:?} has no S_G of its own"),
         };
         let mut tsel =
             DevSelection::new(g, &h, &select_params(l, &cfg, &budgets).unwrap()).unwrap();
@@ -198,6 +199,128 @@ fn gpu_peer_key_sets_match_the_cpu_policies() {
             total > 0 && diff * 50 <= total,
             "{peer:?}: {diff} of {total} positions differ"
         );
+    }
+}
+
+/// The per-query key-set kernel (kernels/peers.cu) for oracle top-k and StreamingLLM at
+/// TCA's budgets, against the f64 key-set attention with the CPU policies on the same
+/// bf16 inputs: O and LSE within 1e-2 (relative), and the kept keys row by row (exact
+/// for StreamingLLM; oracle top-k may differ at f32/f64 near-ties). One case repeats a
+/// key row so that equal scores occur (ties: lower index), one crosses a row band, one
+/// asks for more sinks than some budgets.
+#[test]
+fn gpu_per_query_peers_match_the_cpu_key_set_attention() {
+    use tca::cuda::keysets::{budgets_table, run_key_rows, RowRule};
+    use tca::cuda::model::forward::count_key_set_diff;
+    use tca::cuda::prefill::DevAttention;
+    use tca::cuda::{bf16_to_f32, DevHeads};
+    use tca::selection::policies::{OracleTopK, StreamingLlm};
+    use tca::selection::{sparse_attention, KeySets};
+    let gpu = match GpuBackend::new() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipping GPU test: {e}");
+            return;
+        }
+    };
+    let g = &gpu.gpu;
+    let cfg = Config {
+        tau: 0.8,
+        ..small_cfg()
+    };
+    for (l, d, hq, hkv, repeat) in [
+        (300, 64, 6, 2, true),
+        (1100, 128, 4, 2, false),
+        (500, 96, 3, 1, false),
+    ] {
+        let layer = generate(hq, hkv, l, d, 11);
+        let h0 = DevHeads::from_heads(g, &layer.to_heads().unwrap()).unwrap();
+        let (q, mut k, v) = (
+            g.download(&h0.q).unwrap(),
+            g.download(&h0.k).unwrap(),
+            g.download(&h0.v).unwrap(),
+        );
+        if repeat {
+            // Key row 5 of every KV head again at 12, 19, 26, ...: exactly equal scores.
+            for kv in 0..hkv {
+                let src: Vec<u16> = k[(kv * l + 5) * d..(kv * l + 6) * d].to_vec();
+                for j in (12..l).step_by(7) {
+                    k[(kv * l + j) * d..(kv * l + j + 1) * d].copy_from_slice(&src);
+                }
+            }
+        }
+        let h = DevHeads::from_bf16(g, (hq, hkv, l, d), &q, &k, &v).unwrap();
+        let arr = |x: &[u16], n: usize| {
+            ndarray::Array3::from_shape_vec((n, l, d), x.iter().map(|&b| bf16_to_f32(b)).collect())
+                .unwrap()
+        };
+        let heads = tca::model::llama::Qkv {
+            q: arr(&q, hq),
+            k: arr(&k, hkv),
+            v: arr(&v, hkv),
+        }
+        .to_heads()
+        .unwrap();
+        let c = candidates(&cfg).unwrap();
+        let budgets = vec![c[5].budget.clone(); hkv];
+        let tca_sel = tca::selection::select(&heads, &cfg, &budgets).unwrap();
+        let global: Vec<Vec<usize>> = tca_sel.heads.iter().map(|x| x.global.clone()).collect();
+        let ks = budgets_table(&global, cfg.window, l);
+        for rule in [
+            RowRule::OracleTopK,
+            RowRule::StreamingLlm { sinks: 4 },
+            RowRule::StreamingLlm { sinks: 10_000 },
+        ] {
+            let oracle = OracleTopK {
+                heads: &heads,
+                tca: &tca_sel,
+            };
+            let stream = |sinks| StreamingLlm {
+                tca: &tca_sel,
+                sinks,
+            };
+            let s_rule;
+            let keys: &(dyn KeySets + Sync) = match rule {
+                RowRule::OracleTopK => &oracle,
+                RowRule::StreamingLlm { sinks } => {
+                    s_rule = stream(sinks);
+                    &s_rule
+                }
+            };
+            let mut out = DevAttention::new(g, &h).unwrap();
+            out.poison(g).unwrap();
+            let mut mask = g.alloc::<u32>(hq * l * l.div_ceil(32)).unwrap();
+            run_key_rows(g, &h, &ks, rule, &mut out, Some(&mut mask)).unwrap();
+            g.sync().unwrap();
+            let bits = g.download(&mask).unwrap();
+            let diff = count_key_set_diff(keys, &bits, hq, l);
+            let want = sparse_attention(&heads, keys).unwrap();
+            let o: Vec<f64> = g
+                .download(&out.o)
+                .unwrap()
+                .iter()
+                .map(|&b| bf16_to_f32(b) as f64)
+                .collect();
+            let lse = g.download(&out.lse).unwrap();
+            let (mut num, mut den, mut lse_err) = (0.0, 0.0, 0f64);
+            for (a, b) in o.iter().zip(want.o.iter()) {
+                num += (a - b) * (a - b);
+                den += b * b;
+            }
+            for (a, b) in lse.iter().zip(want.lse.iter()) {
+                lse_err = lse_err.max((*a as f64 - b).abs() / b.abs().max(1.0));
+            }
+            let rel = (num / den).sqrt();
+            println!("{rule:?} L {l} d {d}: O rel. error {rel:.2e}, LSE {lse_err:.2e}, {diff} of {} rows' key sets differ", hq * l);
+            assert!(
+                rel < 1e-2 && lse_err < 1e-2,
+                "{rule:?} L {l} d {d}: O {rel}, LSE {lse_err}"
+            );
+            match rule {
+                RowRule::OracleTopK => assert!(diff * 100 <= hq * l, "{diff} rows differ"),
+                _ => assert_eq!(diff, 0, "{rule:?}"),
+            }
+        }
     }
 }
 

@@ -225,7 +225,12 @@ fn gpu_peers_match_the_cpu_peers() {
         .pop()
         .unwrap();
     let tokens = &all[..256];
-    for peer in [GpuPeer::BlockTopK, GpuPeer::CumulativeThreshold] {
+    for peer in [
+        GpuPeer::BlockTopK,
+        GpuPeer::CumulativeThreshold,
+        GpuPeer::from_policy(Policy::OracleTopK).unwrap(),
+        GpuPeer::from_policy(Policy::StreamingLlm).unwrap(),
+    ] {
         let pol = SparsePolicy::new(peer.policy(), cfg.clone(), prof.clone()).unwrap();
         let cpu = m.llama.score(tokens, &pol, 0).unwrap();
         let attn = GpuAttn::Peer {
@@ -258,9 +263,33 @@ fn gpu_peers_match_the_cpu_peers() {
             "{peer:?} keep gpu {keep} cpu {}",
             pol.mean_keep_fraction()
         );
-        // Decoding over the peer's compacted cache.
-        let out = g
+        if peer.rows().is_none() {
+            // Decoding over the peer's compacted cache.
+            let out = g
+                .generate(tokens, 4, attn, DecodeCache::Compact { shadow: true }, None)
+                .unwrap();
+            assert_eq!(out.tokens.len(), 4);
+            continue;
+        }
+        // Per-query peers: key sets row by row at the checked layers (StreamingLLM
+        // exact, oracle top-k up to near-ties); no compacted cache, the full one decodes.
+        let (rows_diff, rows) = stats
+            .keep
+            .iter()
+            .filter_map(|k| k.key_set_diff)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        assert!(rows > 0, "{peer:?}: no key sets checked");
+        match peer {
+            GpuPeer::OracleTopK => assert!(rows_diff * 50 <= rows, "{rows_diff} of {rows}"),
+            _ => assert_eq!(rows_diff, 0, "{peer:?}"),
+        }
+        let e = g
             .generate(tokens, 4, attn, DecodeCache::Compact { shadow: true }, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("full cache"), "{e}");
+        let out = g
+            .generate(tokens, 4, attn, DecodeCache::Full, None)
             .unwrap();
         assert_eq!(out.tokens.len(), 4);
     }
@@ -293,10 +322,10 @@ fn perplexity_cli_on_the_cuda_backend() {
             println!("skipping GPU part: {e}");
         }
     }
-    // A policy the GPU does not run is refused on any machine, before the device.
+    // An attention the GPU does not run is refused on any machine, before the device.
     let e = perplexity(&PerplexityArgs {
         rope: Default::default(),
-        attention: AttentionKind::StreamingLlm,
+        attention: AttentionKind::TcaCertified,
         ..args
     })
     .unwrap_err()

@@ -265,10 +265,11 @@ fn quality_ppl_writes_its_table() {
         ..args.clone()
     };
     assert!(run_quality_ppl(bad).is_err());
-    // The GPU runs exact, TCA, block top-k and the cumulative threshold; other peers
-    // are refused before any work.
+    // The GPU runs exact, TCA and every peer; certified-tau mode is refused before
+    // any work.
     let e = run_quality_ppl(QualityPplArgs {
         backend: BackendKind::Cuda,
+        peers: "streaming_llm,tca_certified".into(),
         force: true,
         ..args.clone()
     })
@@ -276,7 +277,11 @@ fn quality_ppl_writes_its_table() {
     .to_string();
     assert!(e.contains("CPU only"), "{e}");
     if !cfg!(feature = "cuda") {
-        for peers in ["", "block_topk,cumulative_threshold"] {
+        for peers in [
+            "",
+            "block_topk,cumulative_threshold",
+            "oracle_topk,streaming_llm",
+        ] {
             let e = run_quality_ppl(QualityPplArgs {
                 backend: BackendKind::Cuda,
                 peers: peers.into(),
@@ -463,10 +468,10 @@ fn quality_niah_writes_cases_and_wilson_summary() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("tau = 0.8"), "{e}");
-    // The GPU runs exact, tca, block_topk and cumulative_threshold only; without a
-    // device (or CUDA) it says so.
+    // The GPU runs every attention but certified-tau mode; without a device (or CUDA)
+    // it says so.
     let e = run_quality_niah(QualityNiahArgs {
-        attention: "exact,oracle_topk".into(),
+        attention: "exact,oracle_topk,tca_certified".into(),
         backend: BackendKind::Cuda,
         force: true,
         ..a.clone()
@@ -478,6 +483,7 @@ fn quality_niah_writes_cases_and_wilson_summary() {
         for attention in [
             a.attention.as_str(),
             "exact,block_topk,cumulative_threshold",
+            "exact,oracle_topk,streaming_llm",
         ] {
             let e = run_quality_niah(QualityNiahArgs {
                 backend: BackendKind::Cuda,

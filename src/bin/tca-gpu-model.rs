@@ -42,6 +42,9 @@ struct Args {
     /// Prefill lengths to time (may exceed the model's context: throughput only).
     #[arg(long, value_delimiter = ',', default_value = "2048,8192,32768")]
     lens: Vec<usize>,
+    /// Peers whose prefill is timed too (needs --profile), e.g. oracle_topk,streaming_llm.
+    #[arg(long, value_delimiter = ',')]
+    time_peers: Vec<String>,
     /// Timed prefills per length and attention.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -186,9 +189,10 @@ fn exact_checks(x: &Ctx, checks: &mut Checks) -> tca::Result<()> {
     Ok(())
 }
 
-/// TCA or a peer the GPU runs (block top-k, cumulative threshold), GPU against CPU:
-/// perplexity, and S_G per (layer, KV head) against the CPU policy's on the same bf16
-/// inputs.
+/// TCA or a peer, GPU against CPU: perplexity, and S_G per (layer, KV head) against the
+/// CPU policy's on the same bf16 inputs (TCA's S_G for the per-query peers, oracle
+/// top-k and StreamingLLM, whose key sets are also compared per query row at a few
+/// layers).
 fn tca_checks(x: &Ctx, prof: &Profile, policy: Policy, checks: &mut Checks) -> tca::Result<String> {
     let (a, model, gm, cfg) = (x.a, &x.model, &x.gm, &x.cfg);
     let toks = &x.all[..a.tokens];
@@ -249,6 +253,40 @@ fn tca_checks(x: &Ctx, prof: &Profile, policy: Policy, checks: &mut Checks) -> t
         "<= 0.02",
         frac <= SEL_DIFF,
     );
+    // The per-query peers: their key sets at the checked layers, GPU against CPU.
+    let (rows_diff, rows) = stats
+        .keep
+        .iter()
+        .filter_map(|k| k.key_set_diff)
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if rows > 0 {
+        let frac = rows_diff as f64 / rows as f64;
+        println!(
+            "{name} key sets: {rows_diff} of {rows} (query head, query) rows at layers {:?} differ from the CPU policy's on the same bf16 inputs and S_G{}",
+            stats
+                .keep
+                .iter()
+                .filter(|k| k.key_set_diff.is_some())
+                .map(|k| k.layer)
+                .collect::<Vec<_>>(),
+            if policy == Policy::OracleTopK {
+                " (near-ties of the f32 and f64 scores)"
+            } else {
+                ""
+            }
+        );
+        // StreamingLLM's sets are an index rule: exact. Oracle top-k may differ at near-ties.
+        let (limit, bound) = match policy {
+            Policy::StreamingLlm => ("== 0", 0.0),
+            _ => ("<= 0.02", SEL_DIFF),
+        };
+        checks.add(
+            &format!("{name}: query rows whose key set differs from the CPU's"),
+            frac,
+            limit,
+            frac <= bound,
+        );
+    }
     Ok(sel_rows)
 }
 
@@ -536,6 +574,8 @@ fn run(a: &Args) -> tca::Result<bool> {
                         Policy::CumulativeThreshold,
                         "selection_cumulative_threshold.csv",
                     ),
+                    (Policy::OracleTopK, "selection_oracle_topk.csv"),
+                    (Policy::StreamingLlm, "selection_streaming_llm.csv"),
                 ] {
                     match tca_checks(&x, prof, policy, &mut checks) {
                         Ok(rows) => write(&a.out, file, &rows)?,
@@ -552,6 +592,17 @@ fn run(a: &Args) -> tca::Result<bool> {
         }
     }
     let (cfg, profile, gm, all) = (&x.cfg, &x.profile, &x.gm, &x.all);
+    let peers = a
+        .time_peers
+        .iter()
+        .map(|n| {
+            Policy::ALL
+                .into_iter()
+                .find(|p| p.name() == n.trim())
+                .and_then(GpuPeer::from_policy)
+                .ok_or_else(|| tca::TcaError::Invalid(format!("--time-peers: {n:?} is not a peer")))
+        })
+        .collect::<tca::Result<Vec<_>>>()?;
     println!(
         "== prefill throughput (all layers, CUDA events, median of {}) ==",
         a.iters
@@ -573,6 +624,16 @@ fn run(a: &Args) -> tca::Result<bool> {
                         profile: p,
                     },
                 ));
+                for peer in &peers {
+                    kinds.push((
+                        peer.policy().name(),
+                        GpuAttn::Peer {
+                            peer: *peer,
+                            config: cfg,
+                            profile: p,
+                        },
+                    ));
+                }
             }
         }
         for (name, attn) in kinds {

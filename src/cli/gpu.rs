@@ -10,26 +10,9 @@ use crate::error::{Result, TcaError};
 use crate::model::{Model, Score};
 use crate::selection::policies::Policy;
 
-/// A sparse attention: its policy (TCA, or a peer the GPU runs, see
-/// [`gpu_runs`]), TCA's configuration and profile; or exact attention (`None`).
+/// A sparse attention: its policy (TCA or any peer: the GPU runs them all from TCA's
+/// selection), TCA's configuration and profile; or exact attention (`None`).
 pub type Tca<'a> = Option<(Policy, &'a Config, &'a Profile)>;
-
-/// Whether the GPU forward runs `policy`: TCA, and the two peers whose key sets it
-/// builds from TCA's selection (block top-k, cumulative threshold).
-pub fn gpu_runs(policy: Policy) -> bool {
-    matches!(
-        policy,
-        Policy::Tca | Policy::BlockTopK | Policy::CumulativeThreshold
-    )
-}
-
-/// The error for a policy the GPU does not run.
-pub fn gpu_refuses(policy: Policy) -> TcaError {
-    TcaError::Invalid(format!(
-        "policy {} runs on the CPU only (--backend cpu); the GPU runs exact, tca, block_topk and cumulative_threshold",
-        policy.name()
-    ))
-}
 
 /// What a GPU generation returns.
 #[derive(Debug, Clone)]
@@ -118,7 +101,9 @@ mod imp {
             None => GpuAttn::Exact,
             Some((Policy::Tca, config, profile)) => GpuAttn::Tca { config, profile },
             Some((p, config, profile)) => GpuAttn::Peer {
-                peer: GpuPeer::from_policy(p).ok_or_else(|| gpu_refuses(p))?,
+                peer: GpuPeer::from_policy(p).ok_or_else(|| {
+                    TcaError::Invalid(format!("policy {} is not a peer", p.name()))
+                })?,
                 config,
                 profile,
             },
@@ -267,20 +252,24 @@ pub use imp::no_cuda;
 
 #[cfg(test)]
 mod tests {
-    use super::{gpu_refuses, gpu_runs, GenOut};
-    use crate::selection::policies::Policy;
+    use super::GenOut;
+    use crate::cli::model::AttentionKind;
 
     #[test]
-    fn the_gpu_runs_tca_and_two_peers() {
-        let runs: Vec<&str> = Policy::ALL
-            .iter()
-            .filter(|&&p| gpu_runs(p))
-            .map(|p| p.name())
-            .collect();
-        assert_eq!(runs, ["tca", "block_topk", "cumulative_threshold"]);
-        let e = gpu_refuses(Policy::OracleTopK).to_string();
+    fn the_gpu_runs_every_attention_but_certified_tau() {
+        let kinds = [
+            AttentionKind::Exact,
+            AttentionKind::Tca,
+            AttentionKind::OracleTopk,
+            AttentionKind::StreamingLlm,
+            AttentionKind::BlockTopk,
+            AttentionKind::CumulativeThreshold,
+        ];
+        assert!(kinds.iter().all(|k| k.on_gpu()));
+        assert!(!AttentionKind::TcaCertified.on_gpu());
+        let e = AttentionKind::TcaCertified.gpu_refusal().to_string();
         assert!(
-            e.contains("oracle_topk") && e.contains("--backend cpu"),
+            e.contains("tca_certified") && e.contains("--backend cpu"),
             "{e}"
         );
     }

@@ -73,16 +73,16 @@ impl AttentionKind {
         }
     }
 
-    /// Whether `--backend cuda` runs this attention: exact, TCA and the two peers whose
-    /// key sets the GPU builds from TCA's selection (block top-k, cumulative threshold).
+    /// Whether `--backend cuda` runs this attention: exact, TCA and the four peers (all
+    /// built from TCA's GPU selection); not certified-tau mode.
     pub fn on_gpu(self) -> bool {
-        self != AttentionKind::TcaCertified && self.policy().is_none_or(super::gpu::gpu_runs)
+        self != AttentionKind::TcaCertified
     }
 
     /// The error of `--backend cuda` with an attention it does not run.
     pub fn gpu_refusal(self) -> TcaError {
         TcaError::Invalid(format!(
-            "attention {} runs on the CPU only (--backend cpu); the GPU runs exact, tca, block_topk and cumulative_threshold",
+            "attention {} runs on the CPU only (--backend cpu); the GPU runs exact, tca, oracle_topk, streaming_llm, block_topk and cumulative_threshold",
             self.name()
         ))
     }

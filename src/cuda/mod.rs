@@ -6,7 +6,8 @@
 //! budgets, per-block top-t and compaction of K/V into a contiguous cache),
 //! [`prefill`] (sparse and dense prefill attention on tensor cores, bf16 in, f32
 //! accumulation, O and log-sum-exp out), [`decode`] (split-KV decode over the compacted
-//! cache, GQA-aware), [`f32path`] (an f32 attention for small shapes).
+//! cache, GQA-aware), [`f32path`] (an f32 attention for small shapes), [`keysets`]
+//! (attention over per-query key sets: the oracle top-k and StreamingLLM peers).
 //!
 //! bf16 tensors live on the device as `u16` bit patterns.
 
@@ -16,6 +17,7 @@ pub mod bench_io;
 pub mod compact_cache;
 pub mod decode;
 pub mod f32path;
+pub mod keysets;
 pub mod model;
 pub mod prefill;
 pub mod selection;
@@ -51,6 +53,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("decode", include_str!("../../kernels/decode.cu")),
     ("model", include_str!("../../kernels/model.cu")),
     ("audit", include_str!("../../kernels/audit.cu")),
+    ("peers", include_str!("../../kernels/peers.cu")),
 ];
 
 pub use shape::{DIMS, GROUPS};

@@ -11,6 +11,7 @@ pub mod sparse;
 pub use budget::{candidates, Budget, Candidate};
 pub use importance::importance;
 pub use select::{
-    kept_count, key_set, select, window_start, HeadRanking, HeadSelection, KeySets, Selection,
+    kept_count, kept_counts, key_set, select, window_start, HeadRanking, HeadSelection, KeySets,
+    Selection,
 };
 pub use sparse::{sparse_attention, sparse_row};

@@ -84,10 +84,19 @@ impl KeySets for StreamingLlm<'_> {
     }
     fn keys(&self, h: usize, i: usize) -> Vec<usize> {
         let k = self.tca.kept(h / self.tca.group, i);
-        let sinks = self.sinks.min(k.saturating_sub(1));
-        let recent_from = (i + 1 - (k - sinks)).max(sinks);
+        let (sinks, recent_from) = streaming_span(k, self.sinks, i);
         (0..sinks).chain(recent_from..=i).collect()
     }
+}
+
+/// StreamingLLM's key set of query i at budget k (1 <= k <= i + 1) with `sinks` sink
+/// tokens, as (s, r): keys [0, s) and [r, i], s = min(sinks, k - 1) (the most recent key
+/// is always kept, so sinks >= k keeps k - 1 sinks), r = max(i + 1 - (k - s), s).
+/// kernels/peers.cu applies the same rule on the device.
+pub fn streaming_span(k: usize, sinks: usize, i: usize) -> (usize, usize) {
+    let k = k.clamp(1, i + 1);
+    let s = sinks.min(k - 1);
+    (s, (i + 1 - (k - s)).max(s))
 }
 
 /// Block top-k's per-block budget for a KV head whose TCA S_G holds `global_len` tokens
@@ -221,6 +230,25 @@ pub fn keeps_window(keys: &[usize], window: usize, i: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streaming_span_keeps_k_keys_sinks_first() {
+        for i in 0..40 {
+            for k in 1..=i + 1 {
+                for sinks in [0, 1, 4, 50] {
+                    let (s, r) = streaming_span(k, sinks, i);
+                    let keys: Vec<usize> = (0..s).chain(r..=i).collect();
+                    assert_eq!(keys.len(), k, "i {i} k {k} sinks {sinks}");
+                    assert!(keys.windows(2).all(|w| w[0] < w[1]));
+                    assert_eq!(keys.last(), Some(&i));
+                    assert_eq!(s, sinks.min(k - 1));
+                }
+            }
+        }
+        // Out-of-range budgets are clamped to [1, i + 1].
+        assert_eq!(streaming_span(0, 4, 9), (0, 9));
+        assert_eq!(streaming_span(99, 4, 9), (4, 4));
+    }
 
     #[test]
     fn block_topk_k_rounds_and_clamps() {

@@ -120,6 +120,12 @@ pub fn kept_count(global: &[usize], window: usize, i: usize) -> usize {
     global.partition_point(|&j| j < lo) + (i + 1 - lo)
 }
 
+/// |S_i| of every query i in 0..len ([`kept_count`]): the per-query budget k_i at which
+/// the peers of docs/algorithm.md §5 run (the GPU uploads it as `[Hkv, L]`).
+pub fn kept_counts(global: &[usize], window: usize, len: usize) -> Vec<usize> {
+    (0..len).map(|i| kept_count(global, window, i)).collect()
+}
+
 /// S_i = {j in `global` : j < lo} followed by [lo, i], lo = max(0, i - w + 1).
 pub fn key_set(global: &[usize], window: usize, i: usize) -> impl Iterator<Item = usize> + '_ {
     let lo = window_start(window, i);
@@ -163,4 +169,25 @@ pub fn select(heads: &Heads, cfg: &Config, budgets: &[Budget]) -> Result<Selecti
         group: heads.group(),
         heads: heads_sel,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_counts_are_the_key_set_sizes() {
+        let global = [0, 3, 4, 9, 12];
+        for window in [1, 2, 5, 30] {
+            let k = kept_counts(&global, window, 20);
+            assert_eq!(k.len(), 20);
+            for (i, &n) in k.iter().enumerate() {
+                assert_eq!(n, key_set(&global, window, i).count(), "w {window} i {i}");
+                assert!(n >= 1 && n <= i + 1);
+            }
+        }
+        // Window 2, i = 10: S_G below 9 ({0, 3, 4}) and [9, 10].
+        assert_eq!(kept_counts(&global, 2, 11)[10], 5);
+        assert!(kept_counts(&global, 2, 0).is_empty());
+    }
 }

@@ -12,7 +12,9 @@
 //! Attention: dense causal ([`prefill::run_dense`]) or TCA (per layer and KV head the
 //! budgets of the multi-layer profile, the GPU selection [`run_select`] and the sparse
 //! prefill [`prefill::run_sparse`]), or a peer policy as a key set built from TCA's
-//! selection of the layer ([`super::peers`]: block top-k, cumulative threshold); with
+//! selection of the layer ([`super::peers`]: block top-k, cumulative threshold as an
+//! S_G + window for the sparse prefill; oracle top-k and StreamingLLM as per-query key
+//! sets at TCA's budgets, [`crate::cuda::keysets`]); with
 //! L <= w TCA keeps every key and the dense kernel runs, as on the CPU.
 //!
 //! Checks: attention outputs and logit chunks are NaN-poisoned before their kernels;
@@ -23,6 +25,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use ndarray::Array3;
 
+use super::super::keysets::RowRule;
 use super::super::prefill::{self, DevAttention};
 use super::super::selection::{download_selection, run_select, DevSelection, HostSelection};
 use super::super::{backend::select_params, bf16_to_f32, Ctx, DevHeads, Gpu, GpuError, GpuResult};
@@ -35,8 +38,10 @@ use super::weights::DevWeights;
 use crate::calibration::Profile;
 use crate::config::Config;
 use crate::model::llama::{Capture, Llama, LlamaConfig, QkvHook, Score};
-use crate::selection::policies::{block_topk, cumulative_threshold, Policy};
-use crate::selection::{kept_count, select};
+use crate::selection::policies::{
+    block_topk, cumulative_threshold, OracleTopK, Policy, StreamingLlm,
+};
+use crate::selection::{kept_count, select, KeySets};
 
 /// Target rows per logits chunk (`[CHUNK, vocab]` f32 on the device).
 pub const LOGIT_CHUNK: usize = 1024;
@@ -101,6 +106,36 @@ pub struct LayerKeep {
     /// between the GPU's S_G and the f64 oracle's (the same policy's) on the same
     /// (bf16) Q, K, V.
     pub oracle_diff: Option<Vec<usize>>,
+    /// With `check_selection`, for a per-query peer (oracle top-k, StreamingLLM) at the
+    /// layers [`KEY_SET_CHECK_EVERY`] apart: (query rows whose GPU key set differs from
+    /// the CPU policy's on the same bf16 Q, K, V and TCA's GPU S_G, rows checked). For
+    /// oracle top-k a difference is a near-tie of f32 and f64 scores.
+    pub key_set_diff: Option<(usize, usize)>,
+}
+
+/// The per-query peers' key sets are checked at layers 0, 10, 20, ... (each check costs
+/// an f64 CPU pass over the layer's L^2 / 2 scores per query head).
+pub const KEY_SET_CHECK_EVERY: usize = 10;
+
+/// Rows (query head, query) whose kept-key bits `[Hq, L, ceil(L / 32)]` (from
+/// [`crate::cuda::keysets::run_key_rows`]) differ from `keys`' key sets.
+pub fn count_key_set_diff<K: KeySets + Sync + ?Sized>(
+    keys: &K,
+    bits: &[u32],
+    hq: usize,
+    len: usize,
+) -> usize {
+    use rayon::prelude::*;
+    let words = len.div_ceil(32);
+    (0..hq * len)
+        .into_par_iter()
+        .filter(|&n| {
+            let row = &bits[n * words..(n + 1) * words];
+            let want = keys.keys(n / len, n % len);
+            let have: usize = row.iter().map(|w| w.count_ones() as usize).sum();
+            have != want.len() || want.iter().any(|&j| (row[j / 32] >> (j % 32)) & 1 == 0)
+        })
+        .count()
 }
 
 /// What a forward reports besides its output.
@@ -362,23 +397,40 @@ impl GpuModel {
                 }
             }
             w.att.poison(g)?;
+            // A per-query peer's attention is done here (its key sets are not an S_G).
+            let mut rows_done = false;
             if let Some((peer, cfg, tca_sels)) = w.peer.as_mut() {
                 if let Some(tsel) = tca_sels[li].as_mut() {
                     run_select(g, &w.heads, tsel, None)?;
-                    w.sels[li] = Some(peers::peer_selection(g, &w.heads, tsel, *peer, cfg)?);
+                    match peer.rows() {
+                        Some(rule) => {
+                            peers::peer_rows(g, &w.heads, tsel, rule, &mut w.att, None)?;
+                            rows_done = true;
+                        }
+                        None => {
+                            w.sels[li] =
+                                Some(peers::peer_selection(g, &w.heads, tsel, *peer, cfg)?);
+                        }
+                    }
                 }
             }
-            match (w.sels[li].as_mut(), w.peer.is_some()) {
-                (None, _) => prefill::run_dense(g, &w.heads, &mut w.att)?,
-                (Some(sel), true) => prefill::run_sparse(g, &w.heads, sel, &mut w.att)?,
-                (Some(sel), false) => {
+            match (rows_done, w.sels[li].as_mut(), w.peer.is_some()) {
+                (true, _, _) => {}
+                (false, None, _) => prefill::run_dense(g, &w.heads, &mut w.att)?,
+                (false, Some(sel), true) => prefill::run_sparse(g, &w.heads, sel, &mut w.att)?,
+                (false, Some(sel), false) => {
                     run_select(g, &w.heads, sel, None)?;
                     prefill::run_sparse(g, &w.heads, sel, &mut w.att)?;
                 }
             }
             if let Some(f) = inspect.as_deref_mut() {
                 g.sync()?;
-                f(li, &w.heads, w.sels[li].as_ref(), &w.att)?;
+                // A per-query peer reports TCA's selection (its budget is TCA's).
+                let sel = match (&w.peer, rows_done) {
+                    (Some((_, _, tca_sels)), true) => tca_sels[li].as_ref(),
+                    _ => w.sels[li].as_ref(),
+                };
+                f(li, &w.heads, sel, &w.att)?;
             }
             glue::merge_heads(g, &w.att.o, &mut w.merged, (hq, l, d))?;
             self.after_attention(
@@ -461,6 +513,12 @@ impl GpuModel {
         let mut stats = ForwardStats::default();
         let tca_cfg = attn.sparse();
         let policy = attn.policy();
+        let rows = attn.peer().and_then(|p| p.rows());
+        if let (Some(rule), true) = (rows, auditor.is_some()) {
+            return Err(GpuError::Invalid(format!(
+                "the layer audit checks TCA-style key sets (S_G + window); {rule:?} chooses keys per query"
+            )));
+        }
         {
             let mut inspect = |li: usize,
                                h: &DevHeads,
@@ -474,10 +532,37 @@ impl GpuModel {
                 if let Some(a) = auditor.as_deref_mut() {
                     a.layer(g, li, h, &hs, cfg.window, att)?;
                 }
+                let mut key_set_diff = None;
                 let oracle_diff = if check_selection {
                     let heads = download_heads(g, h)?.to_heads().map_err(tca_err)?;
                     let budgets = profile.budgets(li).map_err(tca_err)?;
                     let cpu = select(&heads, cfg, &budgets).map_err(tca_err)?;
+                    if let (Some(rule), 0) = (rows, li % KEY_SET_CHECK_EVERY) {
+                        // The kernel again, with its kept keys as bits, against the CPU
+                        // policy at the same budgets (TCA's GPU S_G).
+                        let mut scratch = DevAttention::new(g, h)?;
+                        let mut mask = g.alloc::<u32>(h.hq * h.len * h.len.div_ceil(32))?;
+                        peers::peer_rows(g, h, sel, rule, &mut scratch, Some(&mut mask))?;
+                        let bits = g.download(&mask)?;
+                        let mut at = cpu.clone();
+                        for (hd, gl) in at.heads.iter_mut().zip(&hs.global) {
+                            hd.global = gl.clone();
+                        }
+                        let n = match rule {
+                            RowRule::OracleTopK => {
+                                let k = OracleTopK {
+                                    heads: &heads,
+                                    tca: &at,
+                                };
+                                count_key_set_diff(&k, &bits, h.hq, h.len)
+                            }
+                            RowRule::StreamingLlm { sinks } => {
+                                let k = StreamingLlm { tca: &at, sinks };
+                                count_key_set_diff(&k, &bits, h.hq, h.len)
+                            }
+                        };
+                        key_set_diff = Some((n, h.hq * h.len));
+                    }
                     let cpu = match policy {
                         Some(Policy::BlockTopK) => {
                             block_topk(&heads, cfg, &cpu).map_err(tca_err)?
@@ -500,6 +585,7 @@ impl GpuModel {
                     keep_fraction: keep_fraction(&hs.global, cfg.window, h.len),
                     global: hs.global,
                     oracle_diff,
+                    key_set_diff,
                 });
                 Ok(())
             };

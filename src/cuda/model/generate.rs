@@ -101,6 +101,13 @@ impl GpuModel {
             return Err(GpuError::Invalid("max_new must be at least 1".into()));
         }
         let tca = attn.sparse();
+        if let (DecodeCache::Compact { .. }, Some(rule)) =
+            (cache, attn.peer().and_then(|p| p.rows()))
+        {
+            return Err(GpuError::Invalid(format!(
+                "{rule:?} chooses keys per query and has no compacted cache: it decodes with the full cache (as on the CPU)"
+            )));
+        }
         let t0 = std::time::Instant::now();
         let cap = l + max_new;
         let mut w = self.work(prompt, attn, false, max_new)?;
@@ -127,6 +134,7 @@ impl GpuModel {
                         keep_fraction: keep_fraction(&hs.global, cfg.window, h.len),
                         global: hs.global,
                         oracle_diff: None,
+                        key_set_diff: None,
                     });
                 }
                 Ok(())
