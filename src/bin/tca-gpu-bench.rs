@@ -74,6 +74,10 @@ struct Args {
     /// Same for d = 64.
     #[arg(long)]
     wgmma_d64: Option<u8>,
+    /// Also check and time the Hopper prefill kernel (kernels/attention_hopper.cu, d 64
+    /// and 128; other dims run the mma.sync kernel).
+    #[arg(long)]
+    hopper: bool,
     /// Length of the spin kernel queued ahead of each timed batch (microseconds): it must
     /// outlast the host's launches of the batch, or host gaps are timed.
     #[arg(long, default_value_t = 200)]
@@ -136,6 +140,7 @@ fn rel(v: &Value) -> f64 {
 
 fn check_case(
     wg: Option<u8>,
+    hopper: bool,
     gpu: &Gpu,
     name: &str,
     (hq, hkv, l, d): (usize, usize, usize, usize),
@@ -281,6 +286,48 @@ fn check_case(
         wg_json =
             json!({"layout": c, "sparse_o": so, "sparse_lse": sl, "dense_o": dn, "dense_lse": dl});
     }
+    let mut hop_json = json!(null);
+    let mut hop_ok = true;
+    if hopper {
+        let mut a = DevAttention::new(gpu, &h)?;
+        a.poison(gpu)?;
+        prefill::run_sparse_with(gpu, &h, &sel, &mut a, Variant::Hopper)?;
+        let mut b = DevAttention::new(gpu, &h)?;
+        b.poison(gpu)?;
+        prefill::run_dense_with(gpu, &h, &mut b, Variant::Hopper)?;
+        gpu.sync()?;
+        let ga = attention_to_host(gpu, &h, &a)?;
+        let gb = attention_to_host(gpu, &h, &b)?;
+        let so = cmp(ga.o.iter().copied(), cpu_sparse.o.iter().copied());
+        let sl = cmp(ga.lse.iter().copied(), cpu_sparse.lse.iter().copied());
+        let dn = cmp(gb.o.iter().copied(), cpu_full.o.iter().copied());
+        let dl = cmp(gb.lse.iter().copied(), cpu_full.lse.iter().copied());
+        // The LSE audit from this kernel's two log-sum-exps.
+        let hg = audit
+            .iter()
+            .map(|x| {
+                let gg = 1.0 - (ga.lse[[x.head, x.query]] - gb.lse[[x.head, x.query]]).exp();
+                (gg - x.gamma).abs()
+            })
+            .fold(
+                0f64,
+                |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+            );
+        hop_ok = rel(&so) <= 1e-2
+            && rel(&sl) <= 1e-2
+            && rel(&dn) <= 1e-2
+            && rel(&dl) <= 1e-2
+            && hg <= 1e-3;
+        let kernel = Variant::Hopper.for_dim(d).name();
+        println!(
+            "  {name} hopper ({kernel}): sparse O rel {:.2e}, LSE rel {:.2e}; dense O rel {:.2e}, LSE rel {:.2e}; gamma max diff {hg:.2e}",
+            rel(&so),
+            rel(&sl),
+            rel(&dn),
+            rel(&dl)
+        );
+        hop_json = json!({"kernel": kernel, "sparse_o": so, "sparse_lse": sl, "dense_o": dn, "dense_lse": dl, "gamma_max_abs_diff": hg});
+    }
     let sparse_o = cmp(gsp.o.iter().copied(), cpu_sparse.o.iter().copied());
     let sparse_lse = cmp(gsp.lse.iter().copied(), cpu_sparse.lse.iter().copied());
     let dense_o = cmp(gde.o.iter().copied(), cpu_full.o.iter().copied());
@@ -366,6 +413,7 @@ fn check_case(
 
     let checks = [
         ("prefill_wgmma_if_enabled", wg_ok),
+        ("prefill_hopper_if_enabled", hop_ok),
         ("sparse_prefill_bf16_o", rel(&sparse_o) <= 1e-2),
         ("sparse_prefill_bf16_lse", rel(&sparse_lse) <= 1e-2),
         ("dense_prefill_bf16_o", rel(&dense_o) <= 1e-2),
@@ -421,6 +469,7 @@ fn check_case(
             "dense_prefill_bf16": {"o": dense_o, "lse": dense_lse},
             "sparse_prefill_bf16_mt2": {"o": sparse_o2, "lse": sparse_lse2},
             "prefill_wgmma": wg_json,
+            "prefill_hopper": hop_json,
             "dense_prefill_bf16_mt2": {"o": dense_o2, "lse": dense_lse2},
             "gamma_audit": {"max_abs_diff": gmax, "mean_gamma_gpu": gmean_gpu, "mean_gamma_cpu": gmean_cpu},
             "decode": {"sparse_o": dec_sparse_o, "sparse_lse": dec_sparse_lse, "dense_o": dec_dense_o, "dense_lse": dec_dense_lse},
@@ -866,6 +915,8 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
         "tca_prefill_bf16_mt2_d64",
         "tca_prefill_wgmma_d128",
         "tca_prefill_wgmma_d64",
+        "tca_prefill_hopper_d128",
+        "tca_prefill_hopper_d64",
         "tca_prefill_bf16_d64",
         "tca_prefill_bf16_d96",
         "tca_decode_d128_c4",
@@ -911,7 +962,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                 64 => args.wgmma_d64,
                 _ => None,
             };
-            match check_case(wg, &gpu, name, shape) {
+            match check_case(wg, args.hopper, &gpu, name, shape) {
                 Ok((v, ok)) => {
                     all_pass &= ok;
                     cases.push(v);
@@ -959,7 +1010,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     ];
     let mut rows = vec![];
     let mut csv = std::fs::File::create(args.out.join("bench.csv"))?;
-    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_wgmma,dense_ms_mt1,dense_ms_mt2,dense_ms_wgmma,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense")?;
+    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_wgmma,dense_ms_mt1,dense_ms_mt2,dense_ms_wgmma,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense,attn_ms_hopper,dense_ms_hopper")?;
     for m in models
         .iter()
         .filter(|m| args.models.iter().any(|n| n == m.name))
@@ -973,6 +1024,9 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             } {
                 variants.push(Variant::Wg(c));
             }
+            if args.hopper && prefill::HOPPER_DIMS.contains(&m.d) {
+                variants.push(Variant::Hopper);
+            }
             let r = match bench_one(&gpu, m, l, args, &variants) {
                 Ok(r) => r,
                 Err(e) => {
@@ -985,7 +1039,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             writeln!(
                 csv,
-                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{}",
+                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{},{:.4},{:.4}",
                 m.name, l, m.hq, m.hkv, m.d, f(&r["keep_frac"]), f(&r["sg_frac_of_candidates"]), f(&r["mean_gamma"]),
                 f(&r["ms"]["tca_total"]), f(&r["ms"]["importance"]), f(&r["ms"]["redundancy"]), f(&r["ms"]["sorting"]),
                 f(&r["ms"]["selection"]), f(&r["ms"]["attention"]), f(&r["ms"]["dense"]), f(&r["speedup_vs_own_dense"]),
@@ -996,7 +1050,8 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                 vf(&r, "mt1", "attention_ms"), vf(&r, "mt2", "attention_ms"), vf(&r, "wgmma", "attention_ms"),
                 vf(&r, "mt1", "dense_ms"), vf(&r, "mt2", "dense_ms"), vf(&r, "wgmma", "dense_ms"),
                 f(&r["decode"]["sparse_us_min"]), f(&r["decode"]["dense_us_min"]), f(&r["decode"]["dense_GBps"]),
-                r["decode"]["sparse_cache_copies"], r["decode"]["dense_cache_copies"]
+                r["decode"]["sparse_cache_copies"], r["decode"]["dense_cache_copies"],
+                vf(&r, "hopper", "attention_ms"), vf(&r, "hopper", "dense_ms")
             )?;
             csv.flush()?;
             let bad = r["non_finite_outputs"]

@@ -43,6 +43,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/attention_wgmma.cu"),
     ),
     (
+        "attention_hopper",
+        include_str!("../../kernels/attention_hopper.cu"),
+    ),
+    (
         "attention_f32",
         include_str!("../../kernels/attention_f32.cu"),
     ),
@@ -161,6 +165,8 @@ pub fn arch_for(name: &str, arch: &'static str) -> &'static str {
     match (name, arch) {
         ("attention_wgmma", "compute_90") => "compute_90a",
         ("attention_wgmma", "sm_90") => "sm_90a",
+        ("attention_hopper", "compute_90") => "compute_90a",
+        ("attention_hopper", "sm_90") => "sm_90a",
         _ => arch,
     }
 }

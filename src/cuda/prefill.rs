@@ -21,6 +21,9 @@ pub enum Variant {
     /// hardware reads as the layout the kernel writes is established by a self-test
     /// against the `Mt1` kernel before use.
     Wg(u8),
+    /// kernels/attention_hopper.cu (sm_90a): a cp.async producer warpgroup and two wgmma
+    /// consumer warpgroups, 128 query rows per CTA, 128-key tiles; d 64 and 128.
+    Hopper,
 }
 
 impl Variant {
@@ -30,6 +33,7 @@ impl Variant {
             Variant::Mt1 => "mt1",
             Variant::Mt2 => "mt2",
             Variant::Wg(_) => "wgmma",
+            Variant::Hopper => "hopper",
         }
     }
     /// Query rows per CTA.
@@ -38,6 +42,14 @@ impl Variant {
             Variant::Mt1 => 64,
             Variant::Mt2 => 128,
             Variant::Wg(_) => 64,
+            Variant::Hopper => 128,
+        }
+    }
+    /// Threads per CTA.
+    pub fn threads(self) -> u32 {
+        match self {
+            Variant::Hopper => 384,
+            _ => 128,
         }
     }
     fn kernel_name(self, d: usize) -> String {
@@ -45,6 +57,7 @@ impl Variant {
             Variant::Mt1 => format!("tca_prefill_bf16_d{d}"),
             Variant::Mt2 => format!("tca_prefill_bf16_mt2_d{d}"),
             Variant::Wg(_) => format!("tca_prefill_wgmma_d{d}"),
+            Variant::Hopper => format!("tca_prefill_hopper_d{d}"),
         }
     }
     fn smem_bytes(self, d: usize) -> usize {
@@ -53,6 +66,7 @@ impl Variant {
             Variant::Mt1 => 3 * 2 * BN * row + 3 * BN * 4,
             Variant::Mt2 => 128 * row + 2 * 2 * BN * row + 2 * BN * 4,
             Variant::Wg(_) => 2 * 2 * BN * d * 2 + 2 * BN * 4,
+            Variant::Hopper => hopper_smem(d),
         }
     }
 
@@ -100,6 +114,7 @@ impl Variant {
     pub fn for_dim(self, d: usize) -> Variant {
         match self {
             Variant::Wg(_) if !WGMMA_DIMS.contains(&d) => Variant::Mt1,
+            Variant::Hopper if !HOPPER_DIMS.contains(&d) => Variant::Mt1,
             v => v,
         }
     }
@@ -107,6 +122,21 @@ impl Variant {
 
 /// Head dimensions of the wgmma kernel (kernels/attention_wgmma.cu).
 pub const WGMMA_DIMS: &[usize] = &[64, 128];
+
+/// Head dimensions of the Hopper kernel (kernels/attention_hopper.cu).
+pub const HOPPER_DIMS: &[usize] = &[64, 128];
+
+/// Dynamic shared memory of the Hopper kernel at head dim d (`HopperSmem` there): NS
+/// stages (3 at d 128, 4 at d 64) of a K and a V tile of 128 rows, two 64-row Q tiles,
+/// NS x 128 positions, 2 NS mbarriers, plus slack to align the tiles to 1024 bytes:
+/// 1024 bytes, capped at the 227 KiB a block may have less 1024 (the kernel checks that
+/// the slack it needs is there).
+fn hopper_smem(d: usize) -> usize {
+    let ns = if d == 128 { 3 } else { 4 };
+    let tile = 128 * d * 2;
+    let need = 2 * ns * tile + 2 * 64 * d * 2 + ns * 128 * 4 + ns * 16;
+    (need + 1024).min(226 * 1024)
+}
 
 fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
     gpu.func_smem(&v.kernel_name(d), v.smem_bytes(d))
@@ -167,7 +197,7 @@ pub fn run_sparse_with(
         }
         b.launch(cfg(
             (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
-            128,
+            v.threads(),
             v.smem_bytes(h.dim) as u32,
         ))
     }
@@ -219,7 +249,7 @@ pub fn run_dense_with(
         }
         b.launch(cfg(
             (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
-            128,
+            v.threads(),
             v.smem_bytes(h.dim) as u32,
         ))
     }
@@ -237,12 +267,19 @@ mod tests {
             include_str!("../../kernels/attention_bf16.cu"),
             include_str!("../../kernels/attention_bf16_mt.cu"),
             include_str!("../../kernels/attention_wgmma.cu"),
+            include_str!("../../kernels/attention_hopper.cu"),
         ];
         for &d in super::super::DIMS {
-            for v in [Variant::Mt1, Variant::Mt2, Variant::Wg(0), Variant::Wg(3)] {
+            for v in [
+                Variant::Mt1,
+                Variant::Mt2,
+                Variant::Wg(0),
+                Variant::Wg(3),
+                Variant::Hopper,
+            ] {
                 let run = v.for_dim(d);
                 let expect = match v {
-                    Variant::Wg(_) if d == 96 => Variant::Mt1,
+                    Variant::Wg(_) | Variant::Hopper if d == 96 => Variant::Mt1,
                     v => v,
                 };
                 assert_eq!(run, expect, "{v:?} at d {d}");
@@ -251,9 +288,26 @@ mod tests {
                     Variant::Mt1 => (0, format!("PREFILL({d})")),
                     Variant::Mt2 => (1, format!("PREFILL_MT({d}, 2)")),
                     Variant::Wg(_) => (2, format!("PREFILL_WG({d})")),
+                    Variant::Hopper => (3, format!("PREFILL_HOPPER({d},")),
                 };
                 assert!(src[line.0].contains(&line.1), "{}", line.1);
             }
         }
+    }
+
+    #[test]
+    fn hopper_shared_memory_fits_the_h200_and_matches_the_kernel_layout() {
+        // The opt-in limit per block on sm_90 is 227 KiB.
+        for &d in HOPPER_DIMS {
+            assert!(hopper_smem(d) <= 227 * 1024, "d {d}: {}", hopper_smem(d));
+        }
+        // HopperSmem<128, 2, 3>: 6 tiles of 32 KiB, 2 Q tiles of 16 KiB, 3 x 128
+        // positions, 6 mbarriers, 1024 alignment bytes.
+        assert_eq!(hopper_smem(128), 226 * 1024);
+        assert!(hopper_smem(128) >= 6 * 32768 + 2 * 16384 + 1536 + 48);
+        assert_eq!(hopper_smem(64), 8 * 16384 + 2 * 8192 + 2048 + 64 + 1024);
+        let src = include_str!("../../kernels/attention_hopper.cu");
+        assert!(src.contains("PREFILL_HOPPER(64, 2, 4,"));
+        assert!(src.contains("PREFILL_HOPPER(128, 2, 3,"));
     }
 }
