@@ -9,8 +9,9 @@
 //   from K/V) with cp.async into an NS-stage ring in the 128-byte-swizzled layout, rows
 //   past a tile's end clamped to its last valid row (finite data; masked by position),
 //   plus each row's position; a tile is published on its "full" mbarrier after
-//   cp.async.wait_group and fence.proxy.async. (cp.async, not TMA: the clamp keeps
-//   uninitialised rows of the compacted cache out of P V.)
+//   cp.async.wait_group and fence.proxy.async, never later than the producer's next
+//   wait for a free stage. (cp.async, not TMA: the clamp keeps uninitialised rows of
+//   the compacted cache out of P V.)
 // - Consumers (setmaxnreg.inc): Q tile in shared memory; S = Q K^T with wgmma (both
 //   operands from shared memory, K-major); P V with P in registers (RS form, V MN-major).
 //   The next tile's Q K^T is issued together with this tile's P V and the softmax of
@@ -43,6 +44,18 @@ __device__ __forceinline__ void mbar_init(u32 bar, int count) {
 }
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// True when the phase of the given parity has completed (does not block).
+__device__ __forceinline__ bool mbar_test(u32 bar, int parity) {
+    u32 ok;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return ok != 0;
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
     asm volatile(
@@ -86,6 +99,13 @@ __device__ __forceinline__ u32 sw_off(int r, int c, int rows) {
     return (u32)((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
+// 2^x (MUFU.EX2; flushes subnormal results to 0; exact at -inf -> 0).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Two f32 to bf16x2 (round to nearest even); `lo` lands in the low half.
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
@@ -118,26 +138,25 @@ __device__ __forceinline__ void wgmma_rs_n128(float* d, const u32* a, unsigned l
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
 }
 
-// Scales and masks one S tile (rows row0, row1 of this thread; key k of the tile at
-// position cP[k]), then the online softmax: new running maxima m0, m1 (log2 units),
-// the factors a0, a1 that rescale the old O and l, and sc <- exp2(s - m).
+// Masks one S tile (raw Q K^T; rows row0, row1 of this thread; key k of the tile at
+// position cP[k]), then the online softmax in log2 units: new running maxima m0, m1 of
+// s * scale_log2, the factors a0, a1 that rescale the old O and l, and
+// sc <- exp2(s * scale_log2 - m) (one FFMA and one MUFU.EX2 per element).
 // Global keys count when p <= i - window, window keys when i - window + 1 <= p <= i.
 __device__ __forceinline__ void softmax_tile(float* sc, const int* cP, bool glob, bool full, int row0,
                                              int row1, int window, float scale_log2, float& m0,
                                              float& m1, float& l0, float& l1, float& a0, float& a1) {
     const int tig = threadIdx.x & 3;
+    if (!full) {
 #pragma unroll
-    for (int n = 0; n < BN / 8; n++) {
+        for (int n = 0; n < BN / 8; n++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float x = sc[4 * n + e] * scale_log2;
-            if (!full) {
+            for (int e = 0; e < 4; e++) {
                 const int p = cP[n * 8 + tig * 2 + (e & 1)];
                 const int i = (e < 2) ? row0 : row1;
                 const bool ok = glob ? (p <= i - window) : (p <= i && p >= i - window + 1);
-                if (!ok) x = NEG_INF;
+                if (!ok) sc[4 * n + e] = NEG_INF;
             }
-            sc[4 * n + e] = x;
         }
     }
     float mx0 = NEG_INF, mx1 = NEG_INF;
@@ -150,20 +169,21 @@ __device__ __forceinline__ void softmax_tile(float* sc, const int* cP, bool glob
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    // scale_log2 > 0, so the maximum of the scaled row is the scaled maximum.
+    const float mn0 = fmaxf(m0, mx0 * scale_log2), mn1 = fmaxf(m1, mx1 * scale_log2);
     const float mu0 = (mn0 == NEG_INF) ? 0.f : mn0;
     const float mu1 = (mn1 == NEG_INF) ? 0.f : mn1;
-    a0 = exp2f(m0 - mu0);
-    a1 = exp2f(m1 - mu1);
+    a0 = ex2(m0 - mu0);
+    a1 = ex2(m1 - mu1);
     m0 = mn0;
     m1 = mn1;
     float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
     for (int n = 0; n < BN / 8; n++) {
-        sc[4 * n] = exp2f(sc[4 * n] - mu0);
-        sc[4 * n + 1] = exp2f(sc[4 * n + 1] - mu0);
-        sc[4 * n + 2] = exp2f(sc[4 * n + 2] - mu1);
-        sc[4 * n + 3] = exp2f(sc[4 * n + 3] - mu1);
+        sc[4 * n] = ex2(fmaf(sc[4 * n], scale_log2, -mu0));
+        sc[4 * n + 1] = ex2(fmaf(sc[4 * n + 1], scale_log2, -mu0));
+        sc[4 * n + 2] = ex2(fmaf(sc[4 * n + 2], scale_log2, -mu1));
+        sc[4 * n + 3] = ex2(fmaf(sc[4 * n + 3], scale_log2, -mu1));
         rs0 += sc[4 * n] + sc[4 * n + 1];
         rs1 += sc[4 * n + 2] + sc[4 * n + 3];
     }
@@ -264,9 +284,23 @@ __device__ __forceinline__ void hopper_body(const u16* __restrict__ Q, const u16
         const u16* Vh = V + (size_t)kv * L * D;
         const u16* GKh = gcount != nullptr ? GK + (size_t)kv * gcap * D : nullptr;
         const u16* GVh = gcount != nullptr ? GV + (size_t)kv * gcap * D : nullptr;
+        // A tile is published (full barrier) once its copies have landed: after the next
+        // tile is issued, or before the producer blocks on a busy stage, whichever is first.
+        bool pending = false;  // tile t - 1 issued, not yet published
         for (int t = 0; t < T; t++) {
             const int s = t % NS;
-            if (t >= NS) mbar_wait(barEmpty + 8 * s, (t / NS - 1) & 1);
+            if (t >= NS) {
+                const int par = (t / NS - 1) & 1;
+                if (!mbar_test(barEmpty + 8 * s, par)) {
+                    if (pending) {
+                        cp_async_wait0();
+                        fence_async_smem();
+                        mbar_arrive(barFull + 8 * ((t - 1) % NS));
+                        pending = false;
+                    }
+                    mbar_wait(barEmpty + 8 * s, par);
+                }
+            }
             const bool glob = t < nGt;
             const int start = glob ? t * BN : ls + (t - nGt) * BN;
             const int valid = min(BN, (glob ? nG : le) - start);
@@ -283,13 +317,14 @@ __device__ __forceinline__ void hopper_body(const u16* __restrict__ Q, const u16
             }
             sPos[s * BN + pt] = pt < valid ? (glob ? gp[start + pt] : start + pt) : POS_NONE;
             cp_async_commit();
-            if (t > 0) {
+            if (pending) {
                 cp_async_wait1();
                 fence_async_smem();
                 mbar_arrive(barFull + 8 * ((t - 1) % NS));
             }
+            pending = true;
         }
-        if (T > 0) {
+        if (pending) {
             cp_async_wait0();
             fence_async_smem();
             mbar_arrive(barFull + 8 * ((T - 1) % NS));
