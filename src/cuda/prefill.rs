@@ -62,8 +62,8 @@ impl Variant {
 }
 
 /// The default prefill kernel: `Hopper` (at d 96, where it has no instance, `Mt1` runs;
-/// see [`Variant::for_dim`]). On the H200 it is 1.8-2.0x `Mt2` at d 128 and 1.4-1.6x at
-/// d 64 (bench/RESULTS.md).
+/// see [`Variant::for_dim`]). On the H200 it is 1.9x `Mt2` at d 128 and 1.4-1.5x at d 64
+/// (bench/RESULTS.md).
 pub const DEFAULT: Variant = Variant::Hopper;
 
 /// Prefill outputs on the device: O [Hq, L, D] (bf16) and the log-sum-exp [Hq, L].
