@@ -42,8 +42,8 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/attention_bf16_mt.cu"),
     ),
     (
-        "attention_wgmma",
-        include_str!("../../kernels/attention_wgmma.cu"),
+        "attention_hopper",
+        include_str!("../../kernels/attention_hopper.cu"),
     ),
     (
         "attention_f32",
@@ -159,12 +159,12 @@ pub(crate) fn quiet_catch<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     r
 }
 
-/// The architecture a source is compiled for: the wgmma kernels need the
-/// architecture-specific target (sm_90a), the rest build for `arch`.
+/// The architecture a source is compiled for: the Hopper kernel (wgmma, setmaxnreg)
+/// needs the architecture-specific target (sm_90a), the rest build for `arch`.
 pub fn arch_for(name: &str, arch: &'static str) -> &'static str {
     match (name, arch) {
-        ("attention_wgmma", "compute_90") => "compute_90a",
-        ("attention_wgmma", "sm_90") => "sm_90a",
+        ("attention_hopper", "compute_90") => "compute_90a",
+        ("attention_hopper", "sm_90") => "sm_90a",
         _ => arch,
     }
 }

@@ -5,46 +5,50 @@ use super::selection::DevSelection;
 use super::{cfg, Ctx, DevHeads, Gpu, GpuResult};
 use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 
-/// Keys per tile (both kernels).
+/// Keys per tile of the `mma.sync` kernels (the Hopper kernel's tiles have 128 keys).
 pub const BN: usize = 64;
 
-/// The two prefill kernels: `Mt1` (kernels/attention_bf16.cu: one m16 row tile per warp,
-/// 64 query rows per CTA, Q fragments in registers, 3 cp.async stages) and `Mt2`
+/// The prefill kernels: `Mt1` (kernels/attention_bf16.cu: `mma.sync`, one m16 row tile
+/// per warp, 64 query rows per CTA, Q fragments in registers, 3 cp.async stages), `Mt2`
 /// (kernels/attention_bf16_mt.cu: two row tiles per warp, 128 rows per CTA, Q in shared
-/// memory, 2 stages).
+/// memory, 2 stages) and `Hopper` (kernels/attention_hopper.cu, sm_90a: a cp.async
+/// producer warpgroup and two wgmma consumer warpgroups, 128 query rows per CTA,
+/// 128-key tiles; d 64 and 128, other dims run `Mt1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Mt1,
     Mt2,
-    /// kernels/attention_wgmma.cu (sm_90a warpgroup MMA, 64 rows per CTA). The value picks
-    /// the shared-memory descriptor offsets (see [`Variant::wgmma_layout`]); which one the
-    /// hardware reads as the layout the kernel writes is established by a self-test
-    /// against the `Mt1` kernel before use.
-    Wg(u8),
+    Hopper,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 2] = [Variant::Mt1, Variant::Mt2];
+    pub const ALL: [Variant; 3] = [Variant::Mt1, Variant::Mt2, Variant::Hopper];
     pub fn name(self) -> &'static str {
         match self {
             Variant::Mt1 => "mt1",
             Variant::Mt2 => "mt2",
-            Variant::Wg(_) => "wgmma",
+            Variant::Hopper => "hopper",
         }
     }
     /// Query rows per CTA.
     pub fn bm(self) -> usize {
         match self {
             Variant::Mt1 => 64,
-            Variant::Mt2 => 128,
-            Variant::Wg(_) => 64,
+            Variant::Mt2 | Variant::Hopper => 128,
+        }
+    }
+    /// Threads per CTA.
+    pub fn threads(self) -> u32 {
+        match self {
+            Variant::Hopper => 384,
+            _ => 128,
         }
     }
     fn kernel_name(self, d: usize) -> String {
         match self {
             Variant::Mt1 => format!("tca_prefill_bf16_d{d}"),
             Variant::Mt2 => format!("tca_prefill_bf16_mt2_d{d}"),
-            Variant::Wg(_) => format!("tca_prefill_wgmma_d{d}"),
+            Variant::Hopper => format!("tca_prefill_hopper_d{d}"),
         }
     }
     fn smem_bytes(self, d: usize) -> usize {
@@ -52,26 +56,15 @@ impl Variant {
         match self {
             Variant::Mt1 => 3 * 2 * BN * row + 3 * BN * 4,
             Variant::Mt2 => 128 * row + 2 * 2 * BN * row + 2 * BN * 4,
-            Variant::Wg(_) => 2 * 2 * BN * d * 2 + 2 * BN * 4,
+            Variant::Hopper => hopper_smem(d),
         }
-    }
-
-    /// Descriptor byte offsets (K lbo, K sbo, V lbo, V sbo) of the wgmma kernel for head
-    /// dimension d. The kernel writes K tiles as 8-row groups 16 d bytes apart with the
-    /// 16-byte chunks along d 128 bytes apart, and V tiles as d-chunks BN * 16 bytes apart
-    /// with 8-key groups 128 bytes apart. Layout 0 reads "leading = along K, stride =
-    /// along M/N" for both; bit 0 swaps K's pair, bit 1 swaps V's.
-    pub fn wgmma_layout(c: u8, d: usize) -> [i32; 4] {
-        let (kl, ks) = (128, 16 * d as i32);
-        let (vl, vs) = (128, (BN * 16) as i32);
-        let k = if c & 1 == 0 { (kl, ks) } else { (ks, kl) };
-        let v = if c & 2 == 0 { (vl, vs) } else { (vs, vl) };
-        [k.0, k.1, v.0, v.1]
     }
 }
 
-/// The default prefill kernel.
-pub const DEFAULT: Variant = Variant::Mt1;
+/// The default prefill kernel: `Hopper` (at d 96, where it has no instance, `Mt1` runs;
+/// see [`Variant::for_dim`]). On the H200 it is 1.9x `Mt2` at d 128 and 1.4-1.5x at d 64
+/// (bench/RESULTS.md).
+pub const DEFAULT: Variant = Variant::Hopper;
 
 /// Prefill outputs on the device: O [Hq, L, D] (bf16) and the log-sum-exp [Hq, L].
 pub struct DevAttention {
@@ -95,18 +88,30 @@ impl DevAttention {
 }
 
 impl Variant {
-    /// The kernel that runs for head dim d: the experimental wgmma kernel exists for d 64
-    /// and 128 only, so d 96 falls back to the `Mt1` (mma.sync) kernel.
+    /// The kernel that runs for head dim d: the Hopper kernel exists for d 64 and 128
+    /// only, so d 96 falls back to the `Mt1` (mma.sync) kernel.
     pub fn for_dim(self, d: usize) -> Variant {
         match self {
-            Variant::Wg(_) if !WGMMA_DIMS.contains(&d) => Variant::Mt1,
+            Variant::Hopper if !HOPPER_DIMS.contains(&d) => Variant::Mt1,
             v => v,
         }
     }
 }
 
-/// Head dimensions of the wgmma kernel (kernels/attention_wgmma.cu).
-pub const WGMMA_DIMS: &[usize] = &[64, 128];
+/// Head dimensions of the Hopper kernel (kernels/attention_hopper.cu).
+pub const HOPPER_DIMS: &[usize] = &[64, 128];
+
+/// Dynamic shared memory of the Hopper kernel at head dim d (`HopperSmem` there): NS
+/// stages (3 at d 128, 4 at d 64) of a K and a V tile of 128 rows, two 64-row Q tiles,
+/// NS x 128 positions, 2 NS mbarriers, plus slack to align the tiles to 1024 bytes:
+/// 1024 bytes, capped at the 227 KiB a block may have less 1024 (the kernel checks that
+/// the slack it needs is there).
+fn hopper_smem(d: usize) -> usize {
+    let ns = if d == 128 { 3 } else { 4 };
+    let tile = 128 * d * 2;
+    let need = 2 * ns * tile + 2 * 64 * d * 2 + ns * 128 * 4 + ns * 16;
+    (need + 1024).min(226 * 1024)
+}
 
 fn kernel(gpu: &Gpu, d: usize, v: Variant) -> GpuResult<CudaFunction> {
     gpu.func_smem(&v.kernel_name(d), v.smem_bytes(d))
@@ -141,10 +146,6 @@ pub fn run_sparse_with(
         sel.window as i32,
     );
     let sl2 = h.scale_log2();
-    let lay = match v {
-        Variant::Wg(c) => Variant::wgmma_layout(c, h.dim),
-        _ => [0; 4],
-    };
     unsafe {
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&h.q)
@@ -162,12 +163,9 @@ pub fn run_sparse_with(
             .arg(&hkv)
             .arg(&w)
             .arg(&sl2);
-        if let Variant::Wg(_) = v {
-            b.arg(&lay[0]).arg(&lay[1]).arg(&lay[2]).arg(&lay[3]);
-        }
         b.launch(cfg(
             (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
-            128,
+            v.threads(),
             v.smem_bytes(h.dim) as u32,
         ))
     }
@@ -193,10 +191,6 @@ pub fn run_dense_with(
     let sl2 = h.scale_log2();
     let null = 0u64;
     let zero = 0i32;
-    let lay = match v {
-        Variant::Wg(c) => Variant::wgmma_layout(c, h.dim),
-        _ => [0; 4],
-    };
     unsafe {
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&h.q)
@@ -214,12 +208,9 @@ pub fn run_dense_with(
             .arg(&hkv)
             .arg(&l)
             .arg(&sl2);
-        if let Variant::Wg(_) = v {
-            b.arg(&lay[0]).arg(&lay[1]).arg(&lay[2]).arg(&lay[3]);
-        }
         b.launch(cfg(
             (h.len.div_ceil(v.bm()) as u32, h.hq as u32, 1),
-            128,
+            v.threads(),
             v.smem_bytes(h.dim) as u32,
         ))
     }
@@ -232,17 +223,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_dim_has_a_prefill_kernel_and_wgmma_falls_back_at_d96() {
+    fn every_dim_has_a_prefill_kernel_and_hopper_falls_back_at_d96() {
         let src = [
             include_str!("../../kernels/attention_bf16.cu"),
             include_str!("../../kernels/attention_bf16_mt.cu"),
-            include_str!("../../kernels/attention_wgmma.cu"),
+            include_str!("../../kernels/attention_hopper.cu"),
         ];
+        assert_eq!(DEFAULT, Variant::Hopper);
         for &d in super::super::DIMS {
-            for v in [Variant::Mt1, Variant::Mt2, Variant::Wg(0), Variant::Wg(3)] {
+            for v in Variant::ALL {
                 let run = v.for_dim(d);
                 let expect = match v {
-                    Variant::Wg(_) if d == 96 => Variant::Mt1,
+                    Variant::Hopper if d == 96 => Variant::Mt1,
                     v => v,
                 };
                 assert_eq!(run, expect, "{v:?} at d {d}");
@@ -250,10 +242,26 @@ mod tests {
                 let line = match run {
                     Variant::Mt1 => (0, format!("PREFILL({d})")),
                     Variant::Mt2 => (1, format!("PREFILL_MT({d}, 2)")),
-                    Variant::Wg(_) => (2, format!("PREFILL_WG({d})")),
+                    Variant::Hopper => (2, format!("PREFILL_HOPPER({d},")),
                 };
                 assert!(src[line.0].contains(&line.1), "{}", line.1);
             }
         }
+    }
+
+    #[test]
+    fn hopper_shared_memory_fits_the_h200_and_matches_the_kernel_layout() {
+        // The opt-in limit per block on sm_90 is 227 KiB.
+        for &d in HOPPER_DIMS {
+            assert!(hopper_smem(d) <= 227 * 1024, "d {d}: {}", hopper_smem(d));
+        }
+        // HopperSmem<128, 2, 3>: 6 tiles of 32 KiB, 2 Q tiles of 16 KiB, 3 x 128
+        // positions, 6 mbarriers, and at least 464 bytes of alignment slack.
+        assert_eq!(hopper_smem(128), 226 * 1024);
+        assert!(hopper_smem(128) >= 6 * 32768 + 2 * 16384 + 1536 + 48 + 464);
+        assert_eq!(hopper_smem(64), 8 * 16384 + 2 * 8192 + 2048 + 64 + 1024);
+        let src = include_str!("../../kernels/attention_hopper.cu");
+        assert!(src.contains("PREFILL_HOPPER(64, 2, 4,"));
+        assert!(src.contains("PREFILL_HOPPER(128, 2, 3,"));
     }
 }
