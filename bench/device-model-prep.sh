@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stages what bench/device-model.sh needs into four carry folders, each small enough to
-# travel with the working tree (64 MiB a call, the tree ~29 MB): .devrun/m1, m2 and m3
+# travel with the working tree (64 MiB a call, the tree ~30 MB): .devrun/m1, m2 and m3
 # hold the three pieces of the GGUF (m3 also its sha256; the caller may add the essays
 # there), .devrun/m4 the stripped, xz'd `--features cuda` release binaries tca and
 # tca-gpu-model. Run here (no GPU needed)
@@ -20,7 +20,7 @@ done
 git check-ignore -q .devrun/m1 || { echo "add .devrun/ to .git/info/exclude first"; exit 1; }
 rm -rf .devrun/m1 .devrun/m2 .devrun/m3 .devrun/m4
 mkdir -p .devrun/m1 .devrun/m2 .devrun/m3 .devrun/m4
-split -b 37000000 -d -a 1 "$GGUF" .devrun/gguf.part
+split -b 34000000 -d -a 1 "$GGUF" .devrun/gguf.part
 mv .devrun/gguf.part0 .devrun/m1/
 mv .devrun/gguf.part1 .devrun/m2/
 mv .devrun/gguf.part2 .devrun/m3/
