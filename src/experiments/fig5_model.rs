@@ -323,45 +323,58 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
 
 /// The peers' perplexity change against exact attention per length at tau = 0.9
 /// (`ppl_peers_*`: `tca quality-ppl --backend cuda --peers ...`), written as the table
-/// `fig5_model_peers`, and its panel.
+/// `fig5_model_peers`, and its panel. Each run is read against its own exact row (runs
+/// of different sessions may use different prefill kernels); TCA's row is taken from
+/// the first session's runs.
 fn peer_perplexity(ctx: &Context, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Panel> {
-    let ppl = Rows::read(
-        &tables(dir, "ppl_peers_", "ppl.csv")?,
-        &[
-            "length",
-            "tau",
-            "keep_fraction",
-            "perplexity",
-            "top1_agreement_exact",
-        ],
-        &["attention", "rope_scaling"],
-    )?;
-    let (len, att) = (ppl.f("length"), ppl.s("attention"));
-    let exact = |l: f64| {
-        (0..ppl.len())
-            .find(|&i| len[i] == l && att[i] == "exact")
-            .map_or(f64::NAN, |i| ppl.f("perplexity")[i])
-    };
-    let change = |i: usize| 100.0 * (ppl.f("perplexity")[i] / exact(len[i]) - 1.0);
     let mut table = Table::default();
     let mut names: Vec<String> = Vec::new();
-    for i in (0..ppl.len()).filter(|&i| att[i] != "exact") {
-        table.push(vec![
-            ("length", Val::U(len[i] as u64)),
-            ("rope_scaling", Val::S(ppl.s("rope_scaling")[i].clone())),
-            ("attention", Val::S(att[i].clone())),
-            ("tau", Val::F(ppl.f("tau")[i])),
-            ("keep_fraction", Val::F(ppl.f("keep_fraction")[i])),
-            ("exact_perplexity", Val::F(exact(len[i]))),
-            ("perplexity", Val::F(ppl.f("perplexity")[i])),
-            ("ppl_change_pct", Val::F(change(i))),
-            (
+    // (attention, length, change %) for the panel.
+    let mut points: Vec<(String, f64, f64)> = Vec::new();
+    let mut paths = tables(dir, "ppl_peers_", "ppl.csv")?;
+    // The first session's runs (ppl_peers_{none,yarn2,yarn4}) first: TCA's row from them.
+    paths.sort_by_key(|p| (p.to_string_lossy().contains("_rows_"), p.clone()));
+    for path in paths {
+        let ppl = Rows::read(
+            std::slice::from_ref(&path),
+            &[
+                "length",
+                "tau",
+                "keep_fraction",
+                "perplexity",
                 "top1_agreement_exact",
-                Val::F(ppl.f("top1_agreement_exact")[i]),
-            ),
-        ])?;
-        if !names.contains(&att[i]) {
-            names.push(att[i].clone());
+            ],
+            &["attention", "rope_scaling"],
+        )?;
+        let (len, att) = (ppl.f("length"), ppl.s("attention"));
+        let exact = |l: f64| {
+            (0..ppl.len())
+                .find(|&i| len[i] == l && att[i] == "exact")
+                .map_or(f64::NAN, |i| ppl.f("perplexity")[i])
+        };
+        for i in (0..ppl.len()).filter(|&i| att[i] != "exact") {
+            if points.iter().any(|(a, l, _)| a == &att[i] && *l == len[i]) {
+                continue;
+            }
+            let change = 100.0 * (ppl.f("perplexity")[i] / exact(len[i]) - 1.0);
+            table.push(vec![
+                ("length", Val::U(len[i] as u64)),
+                ("rope_scaling", Val::S(ppl.s("rope_scaling")[i].clone())),
+                ("attention", Val::S(att[i].clone())),
+                ("tau", Val::F(ppl.f("tau")[i])),
+                ("keep_fraction", Val::F(ppl.f("keep_fraction")[i])),
+                ("exact_perplexity", Val::F(exact(len[i]))),
+                ("perplexity", Val::F(ppl.f("perplexity")[i])),
+                ("ppl_change_pct", Val::F(change)),
+                (
+                    "top1_agreement_exact",
+                    Val::F(ppl.f("top1_agreement_exact")[i]),
+                ),
+            ])?;
+            points.push((att[i].clone(), len[i], change));
+            if !names.contains(&att[i]) {
+                names.push(att[i].clone());
+            }
         }
     }
     let stem = ctx.stem("fig5_model_peers");
@@ -370,11 +383,15 @@ fn peer_perplexity(ctx: &Context, dir: &Path, files: &mut Vec<PathBuf>) -> Resul
     let series = names
         .iter()
         .map(|a| {
-            let mut rows: Vec<usize> = (0..ppl.len()).filter(|&i| &att[i] == a).collect();
-            rows.sort_by(|&i, &j| len[i].total_cmp(&len[j]));
+            let mut pts: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|(n, _, _)| n == a)
+                .map(|&(_, l, c)| (l, c))
+                .collect();
+            pts.sort_by(|x, y| x.0.total_cmp(&y.0));
             Series {
                 name: a.clone(),
-                points: rows.iter().map(|&i| (len[i], change(i))).collect(),
+                points: pts,
                 dashed: false,
             }
         })
