@@ -46,7 +46,7 @@ checks)
   for be in cpu cuda; do
     timeout 120 "$TCA" decode --backend $be --input /tmp/cap2k.safetensors --layer 13 \
       --config "$HERE/configs/model.toml" --profile "$P/tau0.9.json" --steps 400 \
-      --out "$W/decode_$be" --force | head -7; echo "decode --backend $be rc=$?"
+      --out "$W/decode_$be" --force > "$W/decode_$be.log" 2>&1; echo "decode --backend $be rc=$?"; head -7 "$W/decode_$be.log"
   done
   python3 "$HERE/bench/compare_decode.py" "$W/decode_cpu" "$W/decode_cuda"
   timeout 60 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 4096 --depths 50 \

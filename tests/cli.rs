@@ -413,6 +413,18 @@ fn bad_input_is_an_error_not_a_panic() {
             "{err}"
         );
     }
+    // Output into a pipe closed before the first line (`tca ... | head -0`): the process
+    // ends on SIGPIPE, quietly, instead of panicking on the failed print.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tca"))
+        .args(["decode", "--input", &x, "--config", &cfg, "--steps", "40"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let (_, err) = text(&o);
+    assert!(!err.contains("panicked"), "closed stdout: {err}");
     // `decode --backend cuda` likewise: runs where it can (every step audited), else says
     // why without a panic.
     let o = tca(&[
