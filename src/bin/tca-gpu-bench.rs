@@ -231,19 +231,6 @@ fn check_case(
     gpu.sync()?;
     let gsp = attention_to_host(gpu, &h, &sp)?;
     let gde = attention_to_host(gpu, &h, &de)?;
-    let mut sp2 = DevAttention::new(gpu, &h)?;
-    sp2.poison(gpu)?;
-    prefill::run_sparse_with(gpu, &h, &sel, &mut sp2, Variant::Mt2)?;
-    let mut de2 = DevAttention::new(gpu, &h)?;
-    de2.poison(gpu)?;
-    prefill::run_dense_with(gpu, &h, &mut de2, Variant::Mt2)?;
-    gpu.sync()?;
-    let gsp2 = attention_to_host(gpu, &h, &sp2)?;
-    let gde2 = attention_to_host(gpu, &h, &de2)?;
-    let sparse_o2 = cmp(gsp2.o.iter().copied(), cpu_sparse.o.iter().copied());
-    let sparse_lse2 = cmp(gsp2.lse.iter().copied(), cpu_sparse.lse.iter().copied());
-    let dense_o2 = cmp(gde2.o.iter().copied(), cpu_full.o.iter().copied());
-    let dense_lse2 = cmp(gde2.lse.iter().copied(), cpu_full.lse.iter().copied());
     // The mma.sync kernel (the fallback where the default has no instance) on its own.
     let mt1_json;
     let mt1_ok;
@@ -398,22 +385,14 @@ fn check_case(
             "selection_mismatch_le_1pct_on_heads_with_finite_oracle_scores",
             finite_rate <= 0.01,
         ),
-        (
-            "sparse_prefill_mt2_o",
-            rel(&sparse_o2) <= 1e-2 && rel(&sparse_lse2) <= 1e-2,
-        ),
-        (
-            "dense_prefill_mt2_o",
-            rel(&dense_o2) <= 1e-2 && rel(&dense_lse2) <= 1e-2,
-        ),
     ];
     let pass = checks.iter().all(|(_, ok)| *ok);
     for (n, ok) in &checks {
         println!("  [{}] {name} {n}", if *ok { "ok" } else { "FAIL" });
     }
     println!(
-        "  {name}: S_G mismatch {:.4} ({total_mis}/{total_ref}; {:.4} on heads with finite oracle scores; {nan_blocks} NaN oracle block scores), ranks {rank_mis}, budgets {budget_mis}; sparse O rel {:.2e} (mt2 {:.2e}), dense O rel {:.2e} (mt2 {:.2e}), gamma max diff {:.2e}, decode rel {:.2e}/{:.2e}, f32 rel {:.2e}/{:.2e}",
-        mismatch_rate, finite_rate, rel(&sparse_o), rel(&sparse_o2), rel(&dense_o), rel(&dense_o2), gmax, rel(&dec_sparse_o), rel(&dec_dense_o), rel(&f32_sparse_o), rel(&f32_dense_o)
+        "  {name}: S_G mismatch {:.4} ({total_mis}/{total_ref}; {:.4} on heads with finite oracle scores; {nan_blocks} NaN oracle block scores), ranks {rank_mis}, budgets {budget_mis}; sparse O rel {:.2e}, dense O rel {:.2e}, gamma max diff {:.2e}, decode rel {:.2e}/{:.2e}, f32 rel {:.2e}/{:.2e}",
+        mismatch_rate, finite_rate, rel(&sparse_o), rel(&dense_o), gmax, rel(&dec_sparse_o), rel(&dec_dense_o), rel(&f32_sparse_o), rel(&f32_dense_o)
     );
     Ok((
         json!({
@@ -424,10 +403,8 @@ fn check_case(
                           "rank_mismatches": rank_mis, "budget_mismatches": budget_mis, "per_kv": sel_json},
             "sparse_prefill_bf16": {"o": sparse_o, "lse": sparse_lse},
             "dense_prefill_bf16": {"o": dense_o, "lse": dense_lse},
-            "sparse_prefill_bf16_mt2": {"o": sparse_o2, "lse": sparse_lse2},
             "default_kernel": prefill::DEFAULT.for_dim(d).name(),
             "prefill_mt1": mt1_json,
-            "dense_prefill_bf16_mt2": {"o": dense_o2, "lse": dense_lse2},
             "gamma_audit": {"max_abs_diff": gmax, "mean_gamma_gpu": gmean_gpu, "mean_gamma_cpu": gmean_cpu},
             "decode": {"sparse_o": dec_sparse_o, "sparse_lse": dec_sparse_lse, "dense_o": dec_dense_o, "dense_lse": dec_dense_lse},
             "f32": {"sparse_o": f32_sparse_o, "sparse_lse": f32_sparse_lse, "dense_o": f32_dense_o, "dense_lse": f32_dense_lse},
@@ -820,8 +797,6 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     let mut info = json!({"device": gpu.name()});
     for name in [
         "tca_prefill_bf16_d128",
-        "tca_prefill_bf16_mt2_d128",
-        "tca_prefill_bf16_mt2_d64",
         "tca_prefill_hopper_d128",
         "tca_prefill_hopper_d64",
         "tca_prefill_bf16_d64",
@@ -893,7 +868,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     ];
     let mut rows = vec![];
     let mut csv = std::fs::File::create(args.out.join("bench.csv"))?;
-    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_mt2,attn_ms_hopper,dense_ms_mt1,dense_ms_mt2,dense_ms_hopper,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense")?;
+    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_hopper,dense_ms_mt1,dense_ms_hopper,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense")?;
     for m in models
         .iter()
         .filter(|m| args.models.iter().any(|n| n == m.name))
@@ -916,7 +891,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             writeln!(
                 csv,
-                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{}",
+                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{}",
                 m.name, l, m.hq, m.hkv, m.d, f(&r["keep_frac"]), f(&r["sg_frac_of_candidates"]), f(&r["mean_gamma"]),
                 f(&r["ms"]["tca_total"]), f(&r["ms"]["importance"]), f(&r["ms"]["redundancy"]), f(&r["ms"]["sorting"]),
                 f(&r["ms"]["selection"]), f(&r["ms"]["attention"]), f(&r["ms"]["dense"]), f(&r["speedup_vs_own_dense"]),
@@ -924,8 +899,8 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                 f(&r["decode"]["sparse_us"]), f(&r["decode"]["dense_us"]), f(&r["decode"]["speedup"]), f(&r["decode"]["sparse_GBps"]),
                 r["kv_bytes_full"], r["kv_bytes_tca"], bw,
                 r["attention_kernel"].as_str().unwrap_or("?"),
-                vf(&r, "mt1", "attention_ms"), vf(&r, "mt2", "attention_ms"), vf(&r, "hopper", "attention_ms"),
-                vf(&r, "mt1", "dense_ms"), vf(&r, "mt2", "dense_ms"), vf(&r, "hopper", "dense_ms"),
+                vf(&r, "mt1", "attention_ms"), vf(&r, "hopper", "attention_ms"),
+                vf(&r, "mt1", "dense_ms"), vf(&r, "hopper", "dense_ms"),
                 f(&r["decode"]["sparse_us_min"]), f(&r["decode"]["dense_us_min"]), f(&r["decode"]["dense_GBps"]),
                 r["decode"]["sparse_cache_copies"], r["decode"]["dense_cache_copies"]
             )?;

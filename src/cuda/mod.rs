@@ -38,10 +38,6 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/attention_bf16.cu"),
     ),
     (
-        "attention_bf16_mt",
-        include_str!("../../kernels/attention_bf16_mt.cu"),
-    ),
-    (
         "attention_hopper",
         include_str!("../../kernels/attention_hopper.cu"),
     ),

@@ -9,24 +9,22 @@ use cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
 pub const BN: usize = 64;
 
 /// The prefill kernels: `Mt1` (kernels/attention_bf16.cu: `mma.sync`, one m16 row tile
-/// per warp, 64 query rows per CTA, Q fragments in registers, 3 cp.async stages), `Mt2`
-/// (kernels/attention_bf16_mt.cu: two row tiles per warp, 128 rows per CTA, Q in shared
-/// memory, 2 stages) and `Hopper` (kernels/attention_hopper.cu, sm_90a: a cp.async
-/// producer warpgroup and two wgmma consumer warpgroups, 128 query rows per CTA,
-/// 128-key tiles; d 64 and 128, other dims run `Mt1`).
+/// per warp, 64 query rows per CTA, Q fragments in registers, 3 cp.async stages; the
+/// fallback where the Hopper kernel has no instance) and `Hopper`
+/// (kernels/attention_hopper.cu, sm_90a: a cp.async producer warpgroup and two wgmma
+/// consumer warpgroups, 128 query rows per CTA, 128-key tiles; d 64 and 128). The
+/// two-tile `mma.sync` kernel (`mt2`) that the Hopper kernel outran is retired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Mt1,
-    Mt2,
     Hopper,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::Mt1, Variant::Mt2, Variant::Hopper];
+    pub const ALL: [Variant; 2] = [Variant::Mt1, Variant::Hopper];
     pub fn name(self) -> &'static str {
         match self {
             Variant::Mt1 => "mt1",
-            Variant::Mt2 => "mt2",
             Variant::Hopper => "hopper",
         }
     }
@@ -34,7 +32,7 @@ impl Variant {
     pub fn bm(self) -> usize {
         match self {
             Variant::Mt1 => 64,
-            Variant::Mt2 | Variant::Hopper => 128,
+            Variant::Hopper => 128,
         }
     }
     /// Threads per CTA.
@@ -47,7 +45,6 @@ impl Variant {
     fn kernel_name(self, d: usize) -> String {
         match self {
             Variant::Mt1 => format!("tca_prefill_bf16_d{d}"),
-            Variant::Mt2 => format!("tca_prefill_bf16_mt2_d{d}"),
             Variant::Hopper => format!("tca_prefill_hopper_d{d}"),
         }
     }
@@ -55,15 +52,14 @@ impl Variant {
         let row = (d + 8) * 2;
         match self {
             Variant::Mt1 => 3 * 2 * BN * row + 3 * BN * 4,
-            Variant::Mt2 => 128 * row + 2 * 2 * BN * row + 2 * BN * 4,
             Variant::Hopper => hopper_smem(d),
         }
     }
 }
 
 /// The default prefill kernel: `Hopper` (at d 96, where it has no instance, `Mt1` runs;
-/// see [`Variant::for_dim`]). On the H200 it is 1.9x `Mt2` at d 128 and 1.4-1.5x at d 64
-/// (bench/RESULTS.md).
+/// see [`Variant::for_dim`]). On the H200 it was 1.9x the retired two-tile `mma.sync`
+/// kernel at d 128 and 1.4-1.5x at d 64 (bench/RESULTS.md).
 pub const DEFAULT: Variant = Variant::Hopper;
 
 /// Prefill outputs on the device: O [Hq, L, D] (bf16) and the log-sum-exp [Hq, L].
@@ -226,7 +222,6 @@ mod tests {
     fn every_dim_has_a_prefill_kernel_and_hopper_falls_back_at_d96() {
         let src = [
             include_str!("../../kernels/attention_bf16.cu"),
-            include_str!("../../kernels/attention_bf16_mt.cu"),
             include_str!("../../kernels/attention_hopper.cu"),
         ];
         assert_eq!(DEFAULT, Variant::Hopper);
@@ -241,8 +236,7 @@ mod tests {
                 // The instantiation macro line of the chosen kernel is in its source.
                 let line = match run {
                     Variant::Mt1 => (0, format!("PREFILL({d})")),
-                    Variant::Mt2 => (1, format!("PREFILL_MT({d}, 2)")),
-                    Variant::Hopper => (2, format!("PREFILL_HOPPER({d},")),
+                    Variant::Hopper => (1, format!("PREFILL_HOPPER({d},")),
                 };
                 assert!(src[line.0].contains(&line.1), "{}", line.1);
             }
