@@ -95,6 +95,30 @@ fn tables(dir: &Path, prefix: &str, name: &str) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// `tca quality-ppl` tables (one schema) as rows.
+fn read_ppl(paths: &[PathBuf]) -> Result<Rows> {
+    Rows::read(
+        paths,
+        &[
+            "length",
+            "tau",
+            "keep_fraction",
+            "perplexity",
+            "top1_agreement_exact",
+        ],
+        &["attention", "rope_scaling"],
+    )
+}
+
+impl Rows {
+    /// Exact attention's perplexity at length `l` (NaN where the table has none).
+    fn exact_ppl(&self, l: f64) -> f64 {
+        (0..self.len())
+            .find(|&i| self.f("length")[i] == l && self.s("attention")[i] == "exact")
+            .map_or(f64::NAN, |i| self.f("perplexity")[i])
+    }
+}
+
 fn sorted_unique(v: &[f64]) -> Vec<f64> {
     let mut u: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     u.sort_by(f64::total_cmp);
@@ -140,24 +164,11 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let dir = Path::new(GPU_DIR);
     let mut files = Vec::new();
     // Perplexity: exact per length, TCA per (length, tau).
-    let ppl = Rows::read(
-        &["ppl_none", "ppl_yarn2", "ppl_yarn4"].map(|d| dir.join(d).join("ppl.csv")),
-        &[
-            "length",
-            "tau",
-            "keep_fraction",
-            "perplexity",
-            "top1_agreement_exact",
-        ],
-        &["attention", "rope_scaling"],
-    )?;
+    let ppl =
+        read_ppl(&["ppl_none", "ppl_yarn2", "ppl_yarn4"].map(|d| dir.join(d).join("ppl.csv")))?;
     let (len, tau, att) = (ppl.f("length"), ppl.f("tau"), ppl.s("attention"));
     let lengths = sorted_unique(len);
-    let exact_ppl = |l: f64| {
-        (0..ppl.len())
-            .find(|&i| len[i] == l && att[i] == "exact")
-            .map_or(f64::NAN, |i| ppl.f("perplexity")[i])
-    };
+    let exact_ppl = |l: f64| ppl.exact_ppl(l);
     let mut table = Table::default();
     let per_len = |f: &dyn Fn(usize) -> f64| -> Vec<Series> {
         lengths
@@ -335,23 +346,9 @@ fn peer_perplexity(ctx: &Context, dir: &Path, files: &mut Vec<PathBuf>) -> Resul
     // The first session's runs (ppl_peers_{none,yarn2,yarn4}) first: TCA's row from them.
     paths.sort_by_key(|p| (p.to_string_lossy().contains("_rows_"), p.clone()));
     for path in paths {
-        let ppl = Rows::read(
-            std::slice::from_ref(&path),
-            &[
-                "length",
-                "tau",
-                "keep_fraction",
-                "perplexity",
-                "top1_agreement_exact",
-            ],
-            &["attention", "rope_scaling"],
-        )?;
+        let ppl = read_ppl(std::slice::from_ref(&path))?;
         let (len, att) = (ppl.f("length"), ppl.s("attention"));
-        let exact = |l: f64| {
-            (0..ppl.len())
-                .find(|&i| len[i] == l && att[i] == "exact")
-                .map_or(f64::NAN, |i| ppl.f("perplexity")[i])
-        };
+        let exact = |l: f64| ppl.exact_ppl(l);
         for i in (0..ppl.len()).filter(|&i| att[i] != "exact") {
             if points.iter().any(|(a, l, _)| a == &att[i] && *l == len[i]) {
                 continue;
