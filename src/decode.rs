@@ -479,6 +479,11 @@ mod tests {
         assert_eq!(index.compactions, caches[0].compactions);
         assert_eq!(compaction_keep(&[1.0, 3.0, 3.0, 0.5], 2), vec![1, 2]);
         assert_eq!(compaction_keep(&[2.0, 2.0, 2.0], 1), vec![0]);
+        // A prefill shorter than w: no S_G, the window holds it all and first compacts
+        // once it is w + b long (as the CPU cache does).
+        let short = CacheIndex::new(vec![vec![]], 5, &cfg, vec![2]).unwrap();
+        assert_eq!((short.lo, short.positions(0, 5)), (0, (0..=5).collect()));
+        assert!(!short.due(10) && short.due(11));
         // S_G reaching into the window, or one budget short, is refused.
         assert!(CacheIndex::new(vec![vec![15]], prefill, &cfg, vec![1]).is_err());
         assert!(CacheIndex::new(global, prefill, &cfg, vec![1]).is_err());
