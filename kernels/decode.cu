@@ -26,38 +26,7 @@ typedef unsigned int u32;
 #define ROWS 16  // rows per warp step
 #define NSD 3    // cp.async stages of each warp's ring (dynamic shared memory)
 
-__device__ __forceinline__ float bf2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
-
-// Lanes per row: the largest power of two <= D / 8 (16-byte pieces of a row).
-__host__ __device__ constexpr int lanes_per_row(int d) {
-    int l = 1;
-    while (2 * l <= d / 8) l *= 2;
-    return l;
-}
-
-// E consecutive bf16 at p (16-byte aligned when E % 8 == 0, else 8-byte aligned) to f32,
-// times `mul`.
-template <int E>
-__device__ __forceinline__ void load_row(const u16* p, float* out, float mul) {
-    static_assert(E % 4 == 0, "E must be a multiple of 4");
-    if constexpr (E % 8 == 0) {
-#pragma unroll
-        for (int c = 0; c < E / 8; c++) {
-            const uint4 u = *reinterpret_cast<const uint4*>(p + c * 8);
-            const u16* e = reinterpret_cast<const u16*>(&u);
-#pragma unroll
-            for (int t = 0; t < 8; t++) out[c * 8 + t] = bf2f(e[t]) * mul;
-        }
-    } else {
-#pragma unroll
-        for (int c = 0; c < E / 4; c++) {
-            const uint2 u = *reinterpret_cast<const uint2*>(p + c * 4);
-            const u16* e = reinterpret_cast<const u16*>(&u);
-#pragma unroll
-            for (int t = 0; t < 4; t++) out[c * 4 + t] = bf2f(e[t]) * mul;
-        }
-    }
-}
+#include "bf16_rows.cuh"
 
 template <int D, int C>
 __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long long q_stride,

@@ -83,10 +83,13 @@ impl<T> Ctx<T> for std::result::Result<T, DriverError> {
 }
 
 /// Headers the kernels include, by the name in their `#include "..."` line.
-const HEADERS: &[(&str, &str)] = &[(
-    "mma_common.cuh",
-    include_str!("../../kernels/mma_common.cuh"),
-)];
+const HEADERS: &[(&str, &str)] = &[
+    (
+        "mma_common.cuh",
+        include_str!("../../kernels/mma_common.cuh"),
+    ),
+    ("bf16_rows.cuh", include_str!("../../kernels/bf16_rows.cuh")),
+];
 
 /// The kernel text with each `#include "NAME"` of [`HEADERS`] replaced by the header
 /// (NVRTC searches no include path of its own).
