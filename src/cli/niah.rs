@@ -83,8 +83,8 @@ pub struct QualityNiahArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub rope: RopeArgs,
-    /// Where the model runs: cpu (f32; every attention) or cuda (exact, tca, block_topk,
-    /// cumulative_threshold).
+    /// Where the model runs: cpu (f32; every attention) or cuda (every attention but
+    /// tca_certified).
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
 }

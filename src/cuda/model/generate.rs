@@ -261,18 +261,24 @@ impl GpuModel {
                             let qv = st.q.slice(..);
                             run_segments(g, &st.shape, qv, d, &global, Some(&window), &mut st.dec)?;
                         }
+                        // The compact pass's log-sum-exp, on the host once, where the
+                        // regret or a compaction needs it.
+                        let due = cc.index.due(p);
+                        let lc = if shadow || due {
+                            g.download(&st.dec.lse)?
+                        } else {
+                            Vec::new()
+                        };
                         if shadow {
                             st.shadow.poison(g)?;
                             let qv = st.q.slice(..);
                             run_segments(g, &st.shape, qv, d, &full, None, &mut st.shadow)?;
-                            let lc = g.download(&st.dec.lse)?;
                             let lf = g.download(&st.shadow.lse)?;
                             step_regret.push(regret(&lc, &lf));
                         }
-                        if cc.index.due(p) {
+                        if due {
                             let q = g.download(&st.q)?;
-                            let lse = g.download(&st.dec.lse)?;
-                            cc.after_step(g, p, &q, &lse, (&kv.k, &kv.v, cap), reduce)?;
+                            cc.after_step(g, p, &q, &lc, (&kv.k, &kv.v, cap), reduce)?;
                         }
                     }
                     _ => {
