@@ -28,6 +28,26 @@ fn mat(rows: usize, cols: usize, seed: u32) -> Array2<f32> {
     })
 }
 
+/// The first 20,000 characters of the embedded novel as tokens, the small configuration
+/// (b = 16, w = 32) at `tau`, and its profile calibrated on tokens 2000..2128.
+fn small_tca(m: &Model, tau: f64) -> (Vec<u32>, Config, tca::calibration::Profile) {
+    let cfg = Config {
+        block_size: 16,
+        window: 32,
+        tau,
+        ..Config::default()
+    };
+    let all = m
+        .tokenizer
+        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
+        .unwrap();
+    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
+        .unwrap()
+        .pop()
+        .unwrap();
+    (all, cfg, prof)
+}
+
 #[test]
 fn gemm_arguments_compute_x_times_w_transposed() {
     // Row-major x [n, in] and w [out, in] as cuBLAS sees them (column-major), through
@@ -168,20 +188,7 @@ fn gpu_forward_matches_the_cpu_forward() {
 fn gpu_tca_matches_the_cpu_tca() {
     let Some(m) = model() else { return };
     let Some(g) = gpu_model(m) else { return };
-    let cfg = Config {
-        block_size: 16,
-        window: 32,
-        tau: 0.95,
-        ..Config::default()
-    };
-    let all = m
-        .tokenizer
-        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
-        .unwrap();
-    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
-        .unwrap()
-        .pop()
-        .unwrap();
+    let (all, cfg, prof) = small_tca(m, 0.95);
     let tokens = &all[..256];
     let pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof.clone()).unwrap();
     let cpu = m.llama.score(tokens, &pol, 0).unwrap();
@@ -210,20 +217,7 @@ fn gpu_peers_match_the_cpu_peers() {
     use tca::cuda::model::GpuPeer;
     let Some(m) = model() else { return };
     let Some(g) = gpu_model(m) else { return };
-    let cfg = Config {
-        block_size: 16,
-        window: 32,
-        tau: 0.9,
-        ..Config::default()
-    };
-    let all = m
-        .tokenizer
-        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
-        .unwrap();
-    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
-        .unwrap()
-        .pop()
-        .unwrap();
+    let (all, cfg, prof) = small_tca(m, 0.9);
     let tokens = &all[..256];
     for peer in [
         GpuPeer::BlockTopK,
@@ -339,10 +333,7 @@ fn gpu_generation_and_the_layer_audit() {
     use tca::cuda::model::generate::DecodeCache;
     let Some(m) = model() else { return };
     let Some(g) = gpu_model(m) else { return };
-    let all = m
-        .tokenizer
-        .encode(&assets::PRIDE_AND_PREJUDICE[..20_000])
-        .unwrap();
+    let (all, cfg, prof) = small_tca(m, 0.9);
     let prompt = &all[..300];
     // Exact greedy decoding equals the CPU's.
     let cpu = m
@@ -355,16 +346,6 @@ fn gpu_generation_and_the_layer_audit() {
     assert_eq!(gpu.tokens, cpu);
     assert!(gpu.regret.is_empty());
     // TCA with the compacted cache and its shadow: regret per step, layer and head.
-    let cfg = Config {
-        block_size: 16,
-        window: 32,
-        tau: 0.9,
-        ..Config::default()
-    };
-    let prof = calibrate_model(&m.llama, &all[2000..2128], &cfg, &[cfg.tau])
-        .unwrap()
-        .pop()
-        .unwrap();
     let attn = GpuAttn::Tca {
         config: &cfg,
         profile: &prof,
