@@ -15,6 +15,11 @@ fn small_cfg() -> Config {
     }
 }
 
+/// The opened GPU, or None (the test then returns, saying it skipped) where there is none.
+fn device<T, E: std::fmt::Display>(opened: Result<T, E>) -> Option<T> {
+    opened.map_err(|e| println!("skipping GPU test: {e}")).ok()
+}
+
 #[test]
 fn synthetic_layer_feeds_the_oracle_selection() {
     // Host-only: the generator, the bf16 round trip and the oracle's selection on it.
@@ -32,12 +37,8 @@ fn synthetic_layer_feeds_the_oracle_selection() {
 
 #[test]
 fn gpu_matches_oracle_on_a_small_layer() {
-    let gpu = match GpuBackend::new() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("skipping GPU test: {e}");
-            return;
-        }
+    let Some(gpu) = device(GpuBackend::new()) else {
+        return;
     };
     let layer = generate(4, 2, 320, 64, 3);
     let heads = layer.to_heads().unwrap();
@@ -72,12 +73,8 @@ fn gpu_matches_oracle_on_a_small_layer() {
 fn cuda_backend_audit_agrees_with_the_oracle() {
     use tca::backend::{Backend, BackendKind, OracleRows};
     use tca::bound::{audit, summarize, Reading};
-    let gpu = match Backend::open(BackendKind::Cuda) {
-        Ok(g) => g,
-        Err(e) => {
-            println!("skipping GPU test: {e}");
-            return;
-        }
+    let Some(gpu) = device(Backend::open(BackendKind::Cuda)) else {
+        return;
     };
     let heads = generate(4, 2, 320, 64, 5).to_heads().unwrap();
     let cfg = small_cfg();
@@ -129,12 +126,8 @@ fn gpu_peer_key_sets_match_the_cpu_policies() {
     use tca::cuda::selection::{download_selection, run_select, select_key_sets, DevSelection};
     use tca::cuda::DevHeads;
     use tca::selection::policies::{block_topk, cumulative_threshold, BlockMarks};
-    let gpu = match GpuBackend::new() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("skipping GPU test: {e}");
-            return;
-        }
+    let Some(gpu) = device(GpuBackend::new()) else {
+        return;
     };
     let g = &gpu.gpu;
     let layer = generate(4, 2, 320, 64, 3);
@@ -216,12 +209,8 @@ fn gpu_per_query_peers_match_the_cpu_key_set_attention() {
     use tca::cuda::{bf16_to_f32, DevHeads};
     use tca::selection::policies::{OracleTopK, StreamingLlm};
     use tca::selection::{sparse_attention, KeySets};
-    let gpu = match GpuBackend::new() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("skipping GPU test: {e}");
-            return;
-        }
+    let Some(gpu) = device(GpuBackend::new()) else {
+        return;
     };
     let g = &gpu.gpu;
     let cfg = Config {
@@ -330,12 +319,8 @@ fn gpu_per_query_peers_match_the_cpu_key_set_attention() {
 /// with no violation of the true readings, eviction regret close to the CPU's.
 #[test]
 fn gpu_compacted_decode_follows_the_cpu_cache() {
-    let gpu = match tca::backend::Backend::open(tca::backend::BackendKind::Cuda) {
-        Ok(g) => g,
-        Err(e) => {
-            println!("skipping GPU test: {e}");
-            return;
-        }
+    let Some(gpu) = device(tca::backend::Backend::open(tca::backend::BackendKind::Cuda)) else {
+        return;
     };
     let layer = generate(4, 2, 600, 64, 5);
     let heads = layer.to_heads().unwrap().rounded_to_bf16().unwrap();
