@@ -18,6 +18,14 @@
 // Row layout in a warp: LPK lanes share a row (a power of two), each holding E = D / LPK
 // consecutive elements (E = 8 for D = 64 and 128: one 16-byte load; E = 12 for D = 96:
 // three 8-byte loads).
+//
+// Programmatic dependent launch (src/cuda/launch.rs): both kernels first let the next
+// kernel of the stream be launched (griddepcontrol.launch_dependents), then wait for the
+// previous one to complete and its writes to be visible (griddepcontrol.wait), before
+// any global memory access: the decode kernel's inputs (Q, the cache, |S_G|) may be
+// written by the kernel before it, its partials are read by the previous token's
+// combine. Launched without the attribute, both instructions return at once. They
+// exist from sm_90 on; older targets compile without them (and are launched plainly).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -27,6 +35,13 @@ typedef unsigned int u32;
 #define NSD 3    // cp.async stages of each warp's ring (dynamic shared memory)
 
 #include "bf16_rows.cuh"
+
+__device__ __forceinline__ void pdl_launch_dependents_then_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 template <int D, int C>
 __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long long q_stride,
@@ -46,6 +61,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
     __shared__ float wm[NW][C], wl[NW][C];
     __shared__ float wo[NW][C][D];
     extern __shared__ uint4 dsm[];
+    pdl_launch_dependents_then_wait();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
     const int sub = lane % LPK, slot = lane / LPK;
@@ -235,47 +251,89 @@ DECODE_ALL_C(64)
 DECODE_ALL_C(96)
 DECODE_ALL_C(128)
 
-// grid Hq, 256 threads: merge the splits of one query head. Thread (part, d) sums the
-// splits part, part + P, ... (P = 256 / D), then the parts are added in shared memory.
-extern "C" __global__ void __launch_bounds__(256) tca_decode_combine(const float* part_o,
-                                                                     const float* part_ml, float* O,
-                                                                     float* lse, int nsplit, int D) {
-    __shared__ float sh[256];
-    __shared__ float so[256];
-    const int h = blockIdx.x, tid = threadIdx.x;
-    const float* ml = part_ml + (size_t)h * nsplit * 2;
-    float M = NEG_INF;
-    for (int s = tid; s < nsplit; s += 256) M = fmaxf(M, ml[2 * s]);
-    sh[tid] = M;
-    __syncthreads();
-    for (int off = 128; off > 0; off >>= 1) {
-        if (tid < off) sh[tid] = fmaxf(sh[tid], sh[tid + off]);
-        __syncthreads();
+// grid Hq, CMB threads: merge the nsplit (<= MAX_SPLITS) partials of one query head.
+// One pass over (m, l): each thread loads up to MAX_SPLITS / CMB pairs at once (float2),
+// the block reduces the max M and then L = sum_s w_s l_s with w_s = 2^(m_s - M) (0 for an
+// empty split, m_s = -inf; a NaN m_s gives a NaN weight and output), the weights go to
+// shared memory; then thread (part, d) sums w_s o_s[d] over the splits s = part (mod P),
+// P = CMB / D, with U loads issued before their use (no dependent chain over the splits),
+// and the parts are added in shared memory. O = sum / L (f32), lse = M ln 2 + ln L.
+#define CMB 256
+#define MAX_SPLITS 1024  // src/cuda/decode.rs, MAX_SPLITS
+#define CMB_U 8
+
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float o = __shfl_xor_sync(0xffffffff, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
     }
-    M = sh[0];
+    if (lane == 0) red[warp] = v;
     __syncthreads();
-    const int P = 256 / D;
-    const int d = tid % D, part = tid / D;
-    float l = 0.f, o = 0.f;
+    v = red[0];
+#pragma unroll
+    for (int w = 1; w < CMB / 32; w++) v = is_max ? fmaxf(v, red[w]) : v + red[w];
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(CMB) tca_decode_combine(const float* __restrict__ part_o,
+                                                                     const float* __restrict__ part_ml,
+                                                                     float* __restrict__ O,
+                                                                     float* __restrict__ lse, int nsplit,
+                                                                     int D) {
+    __shared__ float sw[MAX_SPLITS];
+    __shared__ float so[CMB];
+    __shared__ float redm[CMB / 32], redl[CMB / 32];
+    pdl_launch_dependents_then_wait();
+    const int h = blockIdx.x, tid = threadIdx.x;
+    const float2* ml = reinterpret_cast<const float2*>(part_ml) + (size_t)h * nsplit;
+    constexpr int R = MAX_SPLITS / CMB;
+    float2 r[R];
+    float M = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        const int s = tid + i * CMB;
+        r[i] = s < nsplit ? ml[s] : make_float2(NEG_INF, 0.f);
+        M = fmaxf(M, r[i].x);
+    }
+    M = block_reduce(M, redm, true);
+    float l = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        const int s = tid + i * CMB;
+        if (s < nsplit) {
+            const bool empty = r[i].x == NEG_INF;
+            const float w = empty ? 0.f : exp2f(r[i].x - M);
+            sw[s] = w;
+            if (!empty) l = fmaf(w, r[i].y, l);
+        }
+    }
+    l = block_reduce(l, redl, false);  // its barrier also publishes sw
+    const int P = CMB / D;
+    const int part = tid / D, d = tid - part * D;
+    float o = 0.f;
     if (part < P) {
-        for (int s = part; s < nsplit; s += P) {
-            const float m = ml[2 * s];
-            if (m == NEG_INF) continue;
-            const float w = exp2f(m - M);
-            l += w * ml[2 * s + 1];
-            o += w * part_o[((size_t)h * nsplit + s) * D + d];
+        const float* po = part_o + (size_t)h * nsplit * D + d;
+        for (int s0 = part; s0 < nsplit; s0 += CMB_U * P) {
+            float x[CMB_U], w[CMB_U];
+#pragma unroll
+            for (int u = 0; u < CMB_U; u++) {
+                const int s = s0 + u * P;
+                const bool ok = s < nsplit;
+                x[u] = ok ? po[(size_t)s * D] : 0.f;
+                w[u] = ok ? sw[s] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < CMB_U; u++) o += w[u] != 0.f ? w[u] * x[u] : 0.f;
         }
     }
     so[tid] = o;
-    sh[tid] = l;
     __syncthreads();
     if (tid < D) {
-        float ot = 0.f, lt = 0.f;
-        for (int p = 0; p < P; p++) {
-            ot += so[p * D + tid];
-            lt += sh[p * D + tid];
-        }
-        O[(size_t)h * D + tid] = ot / lt;
-        if (tid == 0) lse[h] = M * 0.69314718055994531f + logf(lt);
+        float ot = 0.f;
+        for (int p = 0; p < P; p++) ot += so[p * D + tid];
+        O[(size_t)h * D + tid] = ot / l;
+        if (tid == 0) lse[h] = M * 0.69314718055994531f + logf(l);
     }
 }

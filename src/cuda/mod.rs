@@ -18,6 +18,7 @@ pub mod compact_cache;
 pub mod decode;
 pub mod f32path;
 pub mod keysets;
+pub mod launch;
 pub mod model;
 pub mod prefill;
 pub mod selection;
@@ -187,6 +188,12 @@ pub struct Gpu {
     /// Dynamic shared memory each kernel has been allowed, so the attribute is set once
     /// per kernel and size, not on every launch (a host cost of microseconds).
     smem_set: std::sync::Mutex<HashMap<String, usize>>,
+    /// How the decode kernels are launched ([`launch::Launch::choose`]: programmatic
+    /// dependent launch on sm_90 unless `TCA_DECODE_PDL=0`); [`decode::DevDecode`]
+    /// copies it and a caller may change its copy.
+    pub decode_launch: launch::Launch,
+    /// Whether programmatic dependent launch can run here (device and kernels sm_90+).
+    pub pdl_available: bool,
 }
 
 impl Gpu {
@@ -210,6 +217,13 @@ impl Gpu {
         let include = std::env::var("TCA_CUDA_INCLUDE")
             .map(|s| vec![s])
             .unwrap_or_default();
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+        let cc_major = ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .ctx("cuDeviceGetAttribute(compute capability)")?;
+        let env = std::env::var("TCA_DECODE_PDL").ok();
+        let decode_launch = launch::Launch::choose(env.as_deref(), cc_major, arch)?;
+        let pdl_available = launch::Launch::choose(Some("1"), cc_major, arch).is_ok();
         let ptx = compile_all(arch, &include)?;
         let modules = ptx
             .into_iter()
@@ -226,6 +240,8 @@ impl Gpu {
             modules,
             funcs: std::sync::Mutex::new(HashMap::new()),
             smem_set: std::sync::Mutex::new(HashMap::new()),
+            decode_launch,
+            pdl_available,
         })
     }
 
