@@ -7,7 +7,8 @@ attention) against cuDNN's dense causal attention (x cuDNN = cuDNN ms / TCA ms) 
 against keep x cuDNN (what cuDNN would take if its time scaled with the kept pairs);
 FlexAttention on the same S_G + window (its BlockMask build not timed) against TCA's
 attention kernel alone and against TCA's total; decode per token (sparse / dense, cache
-out of L2) and its share of the measured device copy bandwidth."""
+out of L2) and its share of the measured device copy bandwidth; where bench.csv has them,
+decode with and without programmatic dependent launch side by side."""
 import csv, sys
 
 bench = list(csv.DictReader(open(sys.argv[1])))
@@ -39,6 +40,18 @@ for r in bench:
       f"{att:.2f} | {f('tflops_kept_attn'):.0f} | {f('dense_ms'):.2f} | {cud if cud else '-'} | {fla if fla else '-'} | {x} | {ratio} | "
       f"{flx if flx else '-'} | {fx} | {ft} | {f('decode_sparse_us'):.1f}/{f('decode_dense_us'):.1f} | {f('decode_speedup'):.2f} | "
       f"{f('decode_sparse_GBps'):.0f} ({100 * f('decode_sparse_GBps') / bw:.0f}%) |")
+if bench and "decode_sparse_us_pdl" in bench[0]:
+    p("")
+    p("Decode by launch path (us per token, cache out of L2; PDL = programmatic dependent launch, "
+      "plain = cuLaunchKernel; same run, paths alternated):")
+    p("| model | L | PDL sparse/dense | plain sparse/dense | plain / PDL sparse | sparse GB/s PDL (% copy) |")
+    p("|---|---|---|---|---|---|")
+    for r in bench:
+        f = lambda k: float(r[k]) if r.get(k) not in (None, "") else float("nan")
+        sp, pl = f("decode_sparse_us_pdl"), f("decode_sparse_us_plain")
+        gbs = float(r["kv_bytes_tca"]) / (sp * 1e3)
+        p(f"| {r['model']} | {r['L']} | {sp:.1f}/{f('decode_dense_us_pdl'):.1f} | {pl:.1f}/{f('decode_dense_us_plain'):.1f} | "
+          f"{pl / sp:.2f} | {gbs:.0f} ({100 * gbs / f('copy_GBps'):.0f}%) |")
 p("")
 p("Targets at the longest L per model (copy bandwidth = measured device-to-device copy, read + write; "
   "decode with the cache out of L2):")

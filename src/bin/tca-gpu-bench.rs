@@ -20,7 +20,7 @@
 
 use clap::Parser;
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaEvent;
+use cudarc::driver::{CudaEvent, CudaSlice};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +28,7 @@ use tca::cuda::backend::{attention_to_host, select_params};
 use tca::cuda::bench_io::{copies_out_of_l2, SelectionRecord};
 use tca::cuda::decode::{self, DevDecode};
 use tca::cuda::f32path::attention_f32;
+use tca::cuda::launch::Launch;
 use tca::cuda::prefill::{self, DevAttention, Variant};
 use tca::cuda::selection::{download_selection, run_select, DevSelection};
 use tca::cuda::synth::generate;
@@ -121,6 +122,75 @@ fn rel(v: &Value) -> f64 {
         return f64::INFINITY;
     }
     v["rel_err"].as_f64().unwrap_or(f64::INFINITY)
+}
+
+/// The decode launch paths to check and time: the default first, then the other where
+/// it can run (PDL needs sm_90).
+/// Shortest spin ahead of a decode batch (20 tokens, 40 launches), in microseconds.
+const DECODE_SPIN_US: u64 = 1000;
+
+fn launch_modes(gpu: &Gpu) -> Vec<Launch> {
+    let mut m = vec![gpu.decode_launch];
+    let other = match gpu.decode_launch {
+        Launch::Pdl => Launch::Plain,
+        Launch::Plain => Launch::Pdl,
+    };
+    if other == Launch::Plain || gpu.pdl_available {
+        m.push(other);
+    }
+    m
+}
+
+/// Rounds of [`decode_chain`].
+const CHAIN_ROUNDS: usize = 3;
+
+/// Back-to-back dense decodes with no synchronisation between them, sharing one set of
+/// partials (as consecutive tokens do): q_{L-1} over the L keys and q_{L-2} over the
+/// first L - 1 (the causal rows L - 1 and L - 2 of full attention), alternated
+/// CHAIN_ROUNDS times, each writing its own O and LSE (buffers swapped on the host, so no
+/// other GPU work separates the kernels). With PDL a decode kernel that wrote its
+/// partials before the previous combine had read them would mix the two queries. Returns
+/// ((O, LSE) of q_{L-1}, (O, LSE) of q_{L-2}) after the last round.
+#[allow(clippy::type_complexity)]
+fn decode_chain(
+    gpu: &Gpu,
+    h: &DevHeads,
+    mode: Launch,
+) -> GpuResult<((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>))> {
+    let (l, d) = (h.len, h.dim);
+    let mut dd = DevDecode::new(gpu, h, l)?;
+    dd.launch = mode;
+    let mut outs = [
+        (gpu.alloc::<f32>(h.hq * d)?, gpu.alloc::<f32>(h.hq)?),
+        (gpu.alloc::<f32>(h.hq * d)?, gpu.alloc::<f32>(h.hq)?),
+    ];
+    for (o, lse) in outs.iter_mut() {
+        gpu.poison(o)?;
+        gpu.poison(lse)?;
+    }
+    for _ in 0..CHAIN_ROUNDS {
+        for (j, (o, lse)) in outs.iter_mut().enumerate() {
+            let n = l - j; // keys of query row n - 1
+            let a = decode::Segment {
+                k: h.k.slice(..),
+                v: h.v.slice(..),
+                count: decode::SegCount::Fixed(n),
+                stride: l,
+            };
+            std::mem::swap(&mut dd.o, o);
+            std::mem::swap(&mut dd.lse, lse);
+            let q = h.q.slice((n - 1) * d..);
+            let r = decode::run_segments(gpu, h, q, l * d, &a, None, &mut dd);
+            std::mem::swap(&mut dd.o, o);
+            std::mem::swap(&mut dd.lse, lse);
+            r?;
+        }
+    }
+    gpu.sync()?;
+    let get = |(o, lse): &(CudaSlice<f32>, CudaSlice<f32>)| -> GpuResult<(Vec<f32>, Vec<f32>)> {
+        Ok((gpu.download(o)?, gpu.download(lse)?))
+    };
+    Ok((get(&outs[0])?, get(&outs[1])?))
 }
 
 fn check_case(
@@ -290,40 +360,79 @@ fn check_case(
     gmean_gpu /= audit.len() as f64;
     gmean_cpu /= audit.len() as f64;
 
-    // Decode of q_{L-1}: compacted cache vs oracle sparse row; dense vs exact row.
-    let mut dd = DevDecode::new(gpu, &h, sel.gcap + sel.window)?;
-    dd.poison(gpu)?;
-    decode::run_sparse(gpu, &h, &sel, &mut dd)?;
-    gpu.sync()?;
-    let dso = gpu.download(&dd.o)?;
-    let dsl = gpu.download(&dd.lse)?;
-    let mut dn = DevDecode::new(gpu, &h, l)?;
-    dn.poison(gpu)?;
-    decode::run_dense(gpu, &h, &mut dn)?;
-    gpu.sync()?;
-    let dno = gpu.download(&dn.o)?;
-    let dnl = gpu.download(&dn.lse)?;
-    let last = |a: &ndarray::Array3<f64>| -> Vec<f64> {
+    // Decode of q_{L-1}: compacted cache vs oracle sparse row; dense vs exact row; with
+    // each launch path (the default first), and a chain of back-to-back decodes that
+    // share their partials (see decode_chain).
+    let last = |a: &ndarray::Array3<f64>, i: usize| -> Vec<f64> {
         (0..hq)
             .flat_map(|hh| (0..d).map(move |c| (hh, c)))
-            .map(|(hh, c)| a[[hh, l - 1, c]])
+            .map(|(hh, c)| a[[hh, i, c]])
             .collect()
     };
     let lastl =
-        |a: &ndarray::Array2<f64>| -> Vec<f64> { (0..hq).map(|hh| a[[hh, l - 1]]).collect() };
-    let dec_sparse_o = cmp(
-        dso.iter().map(|&x| x as f64),
-        last(&cpu_sparse.o).into_iter(),
-    );
-    let dec_sparse_lse = cmp(
-        dsl.iter().map(|&x| x as f64),
-        lastl(&cpu_sparse.lse).into_iter(),
-    );
-    let dec_dense_o = cmp(dno.iter().map(|&x| x as f64), last(&cpu_full.o).into_iter());
-    let dec_dense_lse = cmp(
-        dnl.iter().map(|&x| x as f64),
-        lastl(&cpu_full.lse).into_iter(),
-    );
+        |a: &ndarray::Array2<f64>, i: usize| -> Vec<f64> { (0..hq).map(|hh| a[[hh, i]]).collect() };
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let mut dec_json = vec![];
+    let mut dec_by: Vec<(Launch, [Value; 4], [Value; 4])> = vec![];
+    for mode in launch_modes(gpu) {
+        let mut dd = DevDecode::new(gpu, &h, sel.gcap + sel.window)?;
+        dd.launch = mode;
+        dd.poison(gpu)?;
+        decode::run_sparse(gpu, &h, &sel, &mut dd)?;
+        gpu.sync()?;
+        let dso = gpu.download(&dd.o)?;
+        let dsl = gpu.download(&dd.lse)?;
+        let mut dn = DevDecode::new(gpu, &h, l)?;
+        dn.launch = mode;
+        dn.poison(gpu)?;
+        decode::run_dense(gpu, &h, &mut dn)?;
+        gpu.sync()?;
+        let dno = gpu.download(&dn.o)?;
+        let dnl = gpu.download(&dn.lse)?;
+        let one = [
+            cmp(
+                f64s(&dso).into_iter(),
+                last(&cpu_sparse.o, l - 1).into_iter(),
+            ),
+            cmp(
+                f64s(&dsl).into_iter(),
+                lastl(&cpu_sparse.lse, l - 1).into_iter(),
+            ),
+            cmp(f64s(&dno).into_iter(), last(&cpu_full.o, l - 1).into_iter()),
+            cmp(
+                f64s(&dnl).into_iter(),
+                lastl(&cpu_full.lse, l - 1).into_iter(),
+            ),
+        ];
+        let ((o1, l1), (o2, l2)) = decode_chain(gpu, &h, mode)?;
+        let chain = [
+            cmp(f64s(&o1).into_iter(), last(&cpu_full.o, l - 1).into_iter()),
+            cmp(
+                f64s(&l1).into_iter(),
+                lastl(&cpu_full.lse, l - 1).into_iter(),
+            ),
+            cmp(f64s(&o2).into_iter(), last(&cpu_full.o, l - 2).into_iter()),
+            cmp(
+                f64s(&l2).into_iter(),
+                lastl(&cpu_full.lse, l - 2).into_iter(),
+            ),
+        ];
+        dec_json.push(json!({"launch": mode.name(),
+            "sparse_o": one[0], "sparse_lse": one[1], "dense_o": one[2], "dense_lse": one[3],
+            "chain": {"rounds": CHAIN_ROUNDS, "o_last": chain[0], "lse_last": chain[1], "o_second_last": chain[2], "lse_second_last": chain[3]}}));
+        dec_by.push((mode, one, chain));
+    }
+    let worst = |k: usize| {
+        dec_by
+            .iter()
+            .map(|(_, one, _)| rel(&one[k]))
+            .fold(0f64, f64::max)
+    };
+    let (dec_sparse_o, dec_sparse_lse, dec_dense_o, dec_dense_lse) =
+        (worst(0), worst(1), worst(2), worst(3));
+    let chain_ok = dec_by
+        .iter()
+        .all(|(_, _, c)| c.iter().all(|v| rel(v) <= 1e-2));
 
     // f32 path, with the oracle's own S_G.
     let f32v = |x: &[u16]| x.iter().map(|&b| bf16_to_f32(b)).collect::<Vec<f32>>();
@@ -363,12 +472,13 @@ fn check_case(
         ("dense_prefill_bf16_o", rel(&dense_o) <= 1e-2),
         ("dense_prefill_bf16_lse", rel(&dense_lse) <= 1e-2),
         ("gamma_audit", gmax <= 1e-3),
-        ("decode_sparse_o", rel(&dec_sparse_o) <= 1e-2),
-        ("decode_dense_o", rel(&dec_dense_o) <= 1e-2),
+        ("decode_sparse_o", dec_sparse_o <= 1e-2),
+        ("decode_dense_o", dec_dense_o <= 1e-2),
         (
             "decode_lse",
-            rel(&dec_sparse_lse) <= 1e-2 && rel(&dec_dense_lse) <= 1e-2,
+            dec_sparse_lse <= 1e-2 && dec_dense_lse <= 1e-2,
         ),
+        ("decode_chain_back_to_back", chain_ok),
         (
             "f32_sparse",
             rel(&f32_sparse_o) <= 1e-5 && rel(&f32_sparse_lse) <= 1e-5,
@@ -392,8 +502,14 @@ fn check_case(
     }
     println!(
         "  {name}: S_G mismatch {:.4} ({total_mis}/{total_ref}; {:.4} on heads with finite oracle scores; {nan_blocks} NaN oracle block scores), ranks {rank_mis}, budgets {budget_mis}; sparse O rel {:.2e}, dense O rel {:.2e}, gamma max diff {:.2e}, decode rel {:.2e}/{:.2e}, f32 rel {:.2e}/{:.2e}",
-        mismatch_rate, finite_rate, rel(&sparse_o), rel(&dense_o), gmax, rel(&dec_sparse_o), rel(&dec_dense_o), rel(&f32_sparse_o), rel(&f32_dense_o)
+        mismatch_rate, finite_rate, rel(&sparse_o), rel(&dense_o), gmax, dec_sparse_o, dec_dense_o, rel(&f32_sparse_o), rel(&f32_dense_o)
     );
+    for (mode, one, chain) in &dec_by {
+        println!(
+            "  {name} decode {}: sparse O rel {:.2e} LSE rel {:.2e}, dense O rel {:.2e} LSE rel {:.2e}; chain of {CHAIN_ROUNDS} x 2 back-to-back O rel {:.2e}/{:.2e}",
+            mode.name(), rel(&one[0]), rel(&one[1]), rel(&one[2]), rel(&one[3]), rel(&chain[0]), rel(&chain[2])
+        );
+    }
     Ok((
         json!({
             "case": name, "hq": hq, "hkv": hkv, "len": l, "dim": d, "block": cfg.block_size, "window": cfg.window,
@@ -406,7 +522,8 @@ fn check_case(
             "default_kernel": prefill::DEFAULT.for_dim(d).name(),
             "prefill_mt1": mt1_json,
             "gamma_audit": {"max_abs_diff": gmax, "mean_gamma_gpu": gmean_gpu, "mean_gamma_cpu": gmean_cpu},
-            "decode": {"sparse_o": dec_sparse_o, "sparse_lse": dec_sparse_lse, "dense_o": dec_dense_o, "dense_lse": dec_dense_lse},
+            "decode": {"worst_over_launch_paths": {"sparse_o_rel": dec_sparse_o, "sparse_lse_rel": dec_sparse_lse, "dense_o_rel": dec_dense_o, "dense_lse_rel": dec_dense_lse},
+                       "by_launch": dec_json},
             "f32": {"sparse_o": f32_sparse_o, "sparse_lse": f32_sparse_lse, "dense_o": f32_dense_o, "dense_lse": f32_dense_lse},
             "checks": checks.iter().map(|(n, ok)| json!({"check": n, "pass": ok})).collect::<Vec<_>>(),
             "cpu_oracle_seconds": cpu_time,
@@ -643,39 +760,65 @@ fn bench_one(
     let head_copies: Vec<&DevHeads> = std::iter::once(&h).chain(heads.iter()).collect();
     let mut dsp = DevDecode::for_lengths(gpu, &h, &lens)?;
     let mut dde = DevDecode::new(gpu, &h, l)?;
-    let mut t_ds = vec![];
-    let mut t_dd = vec![];
+    // Each launch path (the default first) in turn, the order rotated every iteration;
+    // each batch behind its own spin (40 launches take longer to queue than 2).
+    let modes = launch_modes(gpu);
+    let dspin = spin_us.max(DECODE_SPIN_US);
+    let mut t_ds = vec![vec![]; modes.len()];
+    let mut t_dd = vec![vec![]; modes.len()];
     let batch = 20;
+    let (mut tok_s, mut tok_d) = (0usize, 0usize);
+    let mut dec_bad = 0;
+    let finite_bad = |x: &CudaSlice<f32>| -> GpuResult<usize> {
+        Ok(gpu.download(x)?.iter().filter(|v| !v.is_finite()).count())
+    };
     for it in 0..warm + 2 * iters {
-        dsp.poison(gpu)?;
-        dde.poison(gpu)?;
-        gpu.spin(spin_us)?;
-        e[0].record(&gpu.stream).ctx("record")?;
-        for t in 0..batch {
-            let c = (it * batch + t) % n_sp;
-            decode::run_sparse(gpu, &h, sel_copies[c], &mut dsp)?;
-        }
-        e[1].record(&gpu.stream).ctx("record")?;
-        for t in 0..batch {
-            let c = (it * batch + t) % n_de;
-            decode::run_dense(gpu, head_copies[c], &mut dde)?;
-        }
-        e[2].record(&gpu.stream).ctx("record")?;
-        gpu.sync()?;
-        if it >= warm {
-            t_ds.push(ms(&e[0], &e[1])? / batch as f64);
-            t_dd.push(ms(&e[1], &e[2])? / batch as f64);
+        for k in 0..modes.len() {
+            let mi = (it + k) % modes.len();
+            dsp.launch = modes[mi];
+            dde.launch = modes[mi];
+            dsp.poison(gpu)?;
+            dde.poison(gpu)?;
+            gpu.spin(dspin)?;
+            e[0].record(&gpu.stream).ctx("record")?;
+            for _ in 0..batch {
+                decode::run_sparse(gpu, &h, sel_copies[tok_s % n_sp], &mut dsp)?;
+                tok_s += 1;
+            }
+            e[1].record(&gpu.stream).ctx("record")?;
+            gpu.spin(dspin)?;
+            e[2].record(&gpu.stream).ctx("record")?;
+            for _ in 0..batch {
+                decode::run_dense(gpu, head_copies[tok_d % n_de], &mut dde)?;
+                tok_d += 1;
+            }
+            e[3].record(&gpu.stream).ctx("record")?;
+            gpu.sync()?;
+            if it >= warm {
+                t_ds[mi].push(ms(&e[0], &e[1])? / batch as f64);
+                t_dd[mi].push(ms(&e[2], &e[3])? / batch as f64);
+            }
+            dec_bad += finite_bad(&dsp.o)?
+                + finite_bad(&dsp.lse)?
+                + finite_bad(&dde.o)?
+                + finite_bad(&dde.lse)?;
         }
     }
     drop(head_copies);
     drop(heads);
     let dec_iters = 2 * iters * batch;
-    let dec_bad = gpu
-        .download(&dsp.o)?
+    let dec_by: Vec<Value> = modes
         .iter()
-        .chain(gpu.download(&dde.o)?.iter())
-        .filter(|x| !x.is_finite())
-        .count();
+        .enumerate()
+        .map(|(mi, m)| {
+            let (s, dn) = (median(t_ds[mi].clone()), median(t_dd[mi].clone()));
+            json!({"launch": m.name(), "sparse_us": s * 1e3, "dense_us": dn * 1e3,
+                   "sparse_us_min": min(&t_ds[mi]) * 1e3, "dense_us_min": min(&t_dd[mi]) * 1e3,
+                   "sparse_GBps": kv_tca as f64 / (s * 1e6), "dense_GBps": kv_full as f64 / (dn * 1e6)})
+        })
+        .collect();
+    // The default path (modes[0]) gives the headline numbers.
+    let (t_ds, t_dd) = (t_ds.swap_remove(0), t_dd.swap_remove(0));
 
     let med = &med_v[best];
     let (t_imp, t_red, t_sort, t_sel, t_att, t_tot) =
@@ -685,6 +828,13 @@ fn bench_one(
     let t_dd = median(t_dd);
     let flops_kept = 4.0 * d as f64 * kept;
     let flops_dense = 4.0 * d as f64 * causal;
+    let decode_json = json!({"sparse_us": t_ds * 1e3, "dense_us": t_dd * 1e3, "speedup": t_dd / t_ds,
+                   "sparse_us_min": t_ds_min * 1e3, "dense_us_min": t_dd_min * 1e3,
+                   "l2_bytes": l2, "sparse_cache_copies": n_sp, "dense_cache_copies": n_de,
+                   "cache_policy": format!("each token reads the next of {n_sp} (sparse) / {n_de} (dense) copies of its cache; copies x bytes > 2 x L2 ({l2} bytes), so the cache is not L2-resident"),
+                   "sparse_bytes": kv_tca, "dense_bytes": kv_full,
+                   "sparse_GBps": kv_tca as f64 / (t_ds * 1e6), "dense_GBps": kv_full as f64 / (t_dd * 1e6),
+                   "launch": modes[0].name(), "by_launch": dec_by.clone()});
     let r = json!({
         "model": m.name, "len": l, "hq": hq, "hkv": hkv, "dim": d, "block": cfg.block_size, "window": w,
         "tau": args.tau, "gen_seconds": gen_s,
@@ -699,17 +849,12 @@ fn bench_one(
         "variants": variants.iter().enumerate().map(|(i, v)| json!({"kernel": v.name(),
             "dense_ms": t_dense_v[i], "tca_total_ms": med_v[i][5], "attention_ms": med_v[i][4],
             "tflops_kept_attention": flops_kept / (med_v[i][4] * 1e9), "tflops_dense": flops_dense / (t_dense_v[i] * 1e9)})).collect::<Vec<_>>(),
-        "timing": format!("CUDA events around GPU work queued behind a {} us spin kernel; {warm} warm-ups, {iters} runs, medians (decode: also minima); decode per token = batch of 20 / 20, cache out of L2 (rotating copies)", args.spin_us),
+        "timing": format!("CUDA events around GPU work queued behind a {} us spin kernel ({dspin} us before each decode batch); {warm} warm-ups, {iters} runs, medians (decode: also minima); decode per token = batch of 20 / 20, cache out of L2 (rotating copies), each launch path in turn", args.spin_us),
         "speedup_vs_own_dense": t_dense / t_tot,
         "tflops_kept_attention": flops_kept / (t_att * 1e9),
         "tflops_kept_total": flops_kept / (t_tot * 1e9),
         "tflops_dense": flops_dense / (t_dense * 1e9),
-        "decode": {"sparse_us": t_ds * 1e3, "dense_us": t_dd * 1e3, "speedup": t_dd / t_ds,
-                   "sparse_us_min": t_ds_min * 1e3, "dense_us_min": t_dd_min * 1e3,
-                   "l2_bytes": l2, "sparse_cache_copies": n_sp, "dense_cache_copies": n_de,
-                   "cache_policy": format!("each token reads the next of {n_sp} (sparse) / {n_de} (dense) copies of its cache; copies x bytes > 2 x L2 ({l2} bytes), so the cache is not L2-resident"),
-                   "sparse_bytes": kv_tca, "dense_bytes": kv_full,
-                   "sparse_GBps": kv_tca as f64 / (t_ds * 1e6), "dense_GBps": kv_full as f64 / (t_dd * 1e6)},
+        "decode": decode_json,
         "kv_bytes_full": kv_full, "kv_bytes_tca": kv_tca,
         "non_finite_outputs": {"dense": dense_bad, "sparse": sparse_bad, "decode": dec_bad},
         "iters": iters, "decode_iters": dec_iters, "warmup": warm,
@@ -719,6 +864,16 @@ fn bench_one(
         m.name, l, keep_frac, t_tot, t_imp, t_red, t_sort, t_sel, t_att, t_dense, t_dense / t_tot,
         flops_kept / (t_att * 1e9), t_ds * 1e3, t_dd * 1e3, kv_tca as f64 / (t_ds * 1e6), mean_gamma
     );
+    for v in &dec_by {
+        println!(
+            "         decode launch {:5}: sparse {:.1} us (min {:.1}), dense {:.1} us (min {:.1})",
+            v["launch"].as_str().unwrap_or("?"),
+            v["sparse_us"].as_f64().unwrap_or(f64::NAN),
+            v["sparse_us_min"].as_f64().unwrap_or(f64::NAN),
+            v["dense_us"].as_f64().unwrap_or(f64::NAN),
+            v["dense_us_min"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     Ok(r)
 }
 
@@ -727,6 +882,15 @@ fn vf(r: &Value, kernel: &str, key: &str) -> f64 {
     r["variants"]
         .as_array()
         .and_then(|a| a.iter().find(|v| v["kernel"] == kernel))
+        .and_then(|v| v[key].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+/// A decode timing of a bench row for one launch path (NaN when it was not timed).
+fn dl(r: &Value, launch: &str, key: &str) -> f64 {
+    r["decode"]["by_launch"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["launch"] == launch))
         .and_then(|v| v[key].as_f64())
         .unwrap_or(f64::NAN)
 }
@@ -868,7 +1032,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     ];
     let mut rows = vec![];
     let mut csv = std::fs::File::create(args.out.join("bench.csv"))?;
-    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_hopper,dense_ms_mt1,dense_ms_hopper,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense")?;
+    writeln!(csv, "model,L,hq,hkv,d,keep_frac,sg_frac,mean_gamma,tca_ms,importance_ms,redundancy_ms,sorting_ms,selection_ms,attention_ms,dense_ms,speedup_own_dense,selection_share,tflops_kept_attn,tflops_dense,decode_sparse_us,decode_dense_us,decode_speedup,decode_sparse_GBps,kv_bytes_full,kv_bytes_tca,copy_GBps,attention_kernel,attn_ms_mt1,attn_ms_hopper,dense_ms_mt1,dense_ms_hopper,decode_sparse_us_min,decode_dense_us_min,decode_dense_GBps,decode_cache_copies_sparse,decode_cache_copies_dense,decode_launch,decode_sparse_us_pdl,decode_dense_us_pdl,decode_sparse_us_plain,decode_dense_us_plain")?;
     for m in models
         .iter()
         .filter(|m| args.models.iter().any(|n| n == m.name))
@@ -891,7 +1055,7 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
             let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
             writeln!(
                 csv,
-                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{}",
+                "{},{},{},{},{},{:.5},{:.5},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.4},{:.1},{:.1},{:.2},{:.2},{:.3},{:.1},{},{},{:.0},{},{:.4},{:.4},{:.4},{:.4},{:.2},{:.2},{:.1},{},{},{},{:.2},{:.2},{:.2},{:.2}",
                 m.name, l, m.hq, m.hkv, m.d, f(&r["keep_frac"]), f(&r["sg_frac_of_candidates"]), f(&r["mean_gamma"]),
                 f(&r["ms"]["tca_total"]), f(&r["ms"]["importance"]), f(&r["ms"]["redundancy"]), f(&r["ms"]["sorting"]),
                 f(&r["ms"]["selection"]), f(&r["ms"]["attention"]), f(&r["ms"]["dense"]), f(&r["speedup_vs_own_dense"]),
@@ -902,7 +1066,10 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
                 vf(&r, "mt1", "attention_ms"), vf(&r, "hopper", "attention_ms"),
                 vf(&r, "mt1", "dense_ms"), vf(&r, "hopper", "dense_ms"),
                 f(&r["decode"]["sparse_us_min"]), f(&r["decode"]["dense_us_min"]), f(&r["decode"]["dense_GBps"]),
-                r["decode"]["sparse_cache_copies"], r["decode"]["dense_cache_copies"]
+                r["decode"]["sparse_cache_copies"], r["decode"]["dense_cache_copies"],
+                r["decode"]["launch"].as_str().unwrap_or("?"),
+                dl(&r, "pdl", "sparse_us"), dl(&r, "pdl", "dense_us"),
+                dl(&r, "plain", "sparse_us"), dl(&r, "plain", "dense_us")
             )?;
             csv.flush()?;
             let bad = r["non_finite_outputs"]
