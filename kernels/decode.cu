@@ -277,11 +277,12 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(CMB) tca_decode_combine(const float* __restrict__ part_o,
-                                                                     const float* __restrict__ part_ml,
-                                                                     float* __restrict__ O,
-                                                                     float* __restrict__ lse, int nsplit,
-                                                                     int D) {
+// The partials are read with coherent loads (no __restrict__, so no ld.global.nc): with
+// programmatic dependent launch this kernel is resident while the decode kernel writes
+// them.
+extern "C" __global__ void __launch_bounds__(CMB) tca_decode_combine(const float* part_o,
+                                                                     const float* part_ml, float* O,
+                                                                     float* lse, int nsplit, int D) {
     __shared__ float sw[MAX_SPLITS];
     __shared__ float so[CMB];
     __shared__ float redm[CMB / 32], redl[CMB / 32];

@@ -958,7 +958,9 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
         Err(e) => return Err(e.into()),
     };
     println!("device: {}", gpu.name());
-    let mut info = json!({"device": gpu.name()});
+    let mut info = json!({"device": gpu.name(), "decode_launch": gpu.decode_launch.name(),
+        "pdl_available": gpu.pdl_available,
+        "stream": std::env::var("TCA_STREAM").unwrap_or_else(|_| "default".into())});
     for name in [
         "tca_prefill_bf16_d128",
         "tca_prefill_hopper_d128",

@@ -198,7 +198,8 @@ pub struct Gpu {
 
 impl Gpu {
     /// Opens device 0, compiles the kernels with NVRTC (`compute_90` unless `TCA_NVRTC_ARCH`
-    /// names another) and loads them. All work goes to one stream, in order.
+    /// names another) and loads them. All work goes to one stream, in order: the legacy
+    /// default stream, or a stream of its own with `TCA_STREAM=own`.
     pub fn new() -> GpuResult<Self> {
         if device_count() == 0 {
             return Err(GpuError::NoDevice(
@@ -208,7 +209,17 @@ impl Gpu {
         let ctx = CudaContext::new(0).ctx("cuCtxCreate")?;
         // One stream and in-order work: cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // The legacy default stream, or with TCA_STREAM=own a (non-blocking) stream of
+        // the context's own, e.g. to compare programmatic dependent launch on both.
+        let stream = match std::env::var("TCA_STREAM").as_deref() {
+            Err(_) | Ok("") | Ok("default") => ctx.default_stream(),
+            Ok("own") => ctx.new_stream().ctx("cuStreamCreate")?,
+            Ok(v) => {
+                return Err(GpuError::Invalid(format!(
+                    "TCA_STREAM must be default or own, not {v:?}"
+                )))
+            }
+        };
         let arch: &'static str = match std::env::var("TCA_NVRTC_ARCH").as_deref() {
             Ok("sm_90") => "sm_90",
             Ok("compute_80") => "compute_80",
