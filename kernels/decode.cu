@@ -19,13 +19,17 @@
 // consecutive elements (E = 8 for D = 64 and 128: one 16-byte load; E = 12 for D = 96:
 // three 8-byte loads).
 //
-// Programmatic dependent launch (src/cuda/launch.rs): both kernels first let the next
-// kernel of the stream be launched (griddepcontrol.launch_dependents), then wait for the
-// previous one to complete and its writes to be visible (griddepcontrol.wait), before
-// any global memory access: the decode kernel's inputs (Q, the cache, |S_G|) may be
-// written by the kernel before it, its partials are read by the previous token's
-// combine. Launched without the attribute, both instructions return at once. They
-// exist from sm_90 on; older targets compile without them (and are launched plainly).
+// Programmatic dependent launch (src/cuda/launch.rs): both kernels wait for the previous
+// kernel of the stream to complete and its writes to be visible (griddepcontrol.wait)
+// before any global memory access: the decode kernel's inputs (Q, the cache, |S_G|) may
+// be written by the kernel before it, its partials are read by the previous token's
+// combine. Each lets the next kernel be launched (griddepcontrol.launch_dependents): the
+// combine at once (its grid is Hq CTAs), the decode kernel only after its streaming loop,
+// so that the combine's CTAs, and through the combine's early trigger the next decode's,
+// do not take SM slots from the decode grid's later waves (triggered at the start, the
+// next decode's CTAs sat waiting beside this one's: SmolLM2's dense decode at 128K went
+// from 35 to 46 us). Launched without the attribute, both instructions return at once.
+// They exist from sm_90 on; older targets compile without them (and are launched plainly).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -36,10 +40,15 @@ typedef unsigned int u32;
 
 #include "bf16_rows.cuh"
 
-__device__ __forceinline__ void pdl_launch_dependents_then_wait() {
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 
@@ -61,7 +70,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
     __shared__ float wm[NW][C], wl[NW][C];
     __shared__ float wo[NW][C][D];
     extern __shared__ uint4 dsm[];
-    pdl_launch_dependents_then_wait();
+    pdl_wait();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int split = blockIdx.x, nsplit = gridDim.x, kv = blockIdx.y;
     const int sub = lane % LPK, slot = lane / LPK;
@@ -189,6 +198,7 @@ __device__ __forceinline__ void decode_body(const u16* __restrict__ Qd, long lon
             __syncwarp();
         }
         asm volatile("cp.async.wait_group 0;\n" ::);
+        pdl_launch_dependents();  // only the merge and the partials' stores are left
         // Merge the row slots of the warp (m is warp-uniform), then the warps.
 #pragma unroll
         for (int gi = 0; gi < C; gi++) {
@@ -286,7 +296,8 @@ extern "C" __global__ void __launch_bounds__(CMB) tca_decode_combine(const float
     __shared__ float sw[MAX_SPLITS];
     __shared__ float so[CMB];
     __shared__ float redm[CMB / 32], redl[CMB / 32];
-    pdl_launch_dependents_then_wait();
+    pdl_launch_dependents();
+    pdl_wait();
     const int h = blockIdx.x, tid = threadIdx.x;
     const float2* ml = reinterpret_cast<const float2*>(part_ml) + (size_t)h * nsplit;
     constexpr int R = MAX_SPLITS / CMB;
