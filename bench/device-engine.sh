@@ -10,7 +10,8 @@
 #   niah TASK LENS ROPE SEEDS TAUS [ATTN]   tca quality-niah --backend cuda (20 depths;
 #                     ATTN default exact,tca)
 #   grid SPEC...      several quality-niah runs in one call, each SPEC
-#                     NAME/TASKS/LENS/ROPE/ATTN/TAUS (3 seeds, 20 depths) into $W/NAME;
+#                     NAME/TASKS/LENS/ROPE/ATTN/TAUS[/SEEDS] (20 depths; SEEDS default
+#                     1,2,3) into $W/NAME;
 #                     with ppl peer runs when a SPEC's TASKS is `ppl` (LENS ROPE ATTN TAUS)
 #   ppl               tca quality-ppl --backend cuda, 2K-8K native, 16K yarn:2, 32K yarn:4
 #   audit             tca quality-heads --backend cuda at 32K (yarn:4), 64K (yarn:8),
@@ -89,7 +90,8 @@ niah)
 grid)
   shift
   for spec in "$@"; do
-    IFS=/ read -r NAME TASKS LENS ROPE ATTN TAUS <<< "$spec"
+    IFS=/ read -r NAME TASKS LENS ROPE ATTN TAUS SEEDS <<< "$spec"
+    SEEDS=${SEEDS:-1,2,3}
     t1=$(date +%s)
     if [ "$TASKS" = ppl ]; then
       timeout 300 "$TCA" quality-ppl --backend cuda --model "$GGUF" --lengths "$LENS" \
@@ -97,7 +99,7 @@ grid)
         --rope-scaling "$ROPE" --profile "$PROFILES" --out "$W/$NAME" --force | tail -20
     else
       timeout 560 "$TCA" quality-niah --backend cuda --model "$GGUF" --tasks "$TASKS" \
-        --lengths "$LENS" --depths "$DEPTHS" --seeds 1,2,3 --attention "$ATTN" --taus "$TAUS" \
+        --lengths "$LENS" --depths "$DEPTHS" --seeds "$SEEDS" --attention "$ATTN" --taus "$TAUS" \
         --rope-scaling "$ROPE" --profile "$PROFILES" --out "$W/$NAME" --force \
         | grep -v "^niah \|^mk_niah "
     fi

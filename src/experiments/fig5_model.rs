@@ -249,6 +249,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     let niah_panel = |task: &str, t: f64, atts: &[(&str, &str)], title: &str| -> Panel {
         let mut series = Vec::new();
         let mut intervals = Vec::new();
+        let (mut nmin, mut nmax) = (f64::INFINITY, 0.0f64);
         for &(a, name) in atts {
             let mut rows: Vec<usize> = (0..niah.len())
                 .filter(|&i| {
@@ -261,6 +262,10 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                 continue;
             }
             rows.sort_by(|&i, &j| niah.f("length")[i].total_cmp(&niah.f("length")[j]));
+            for &i in &rows {
+                nmin = nmin.min(niah.f("cases")[i]);
+                nmax = nmax.max(niah.f("cases")[i]);
+            }
             series.push(Series {
                 name: name.into(),
                 points: rows
@@ -281,9 +286,12 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
                     .collect(),
             );
         }
-        let n = (0..niah.len())
-            .find(|&i| niah.s("task")[i] == task)
-            .map_or(0.0, |i| niah.f("cases")[i]);
+        // Cases per point: one number, or the range when runs differ (a point of one seed).
+        let n = if nmin >= nmax {
+            format!("{nmax}")
+        } else {
+            format!("{nmin}-{nmax}")
+        };
         Panel {
             title: format!("{task}{title} at tau {t} ({n} per point, Wilson 95 %)"),
             x: "tokens".into(),
