@@ -1,6 +1,6 @@
 //! Fig. 5 on the real model, measured on the H200 (`--backend cuda`): SmolLM2's
 //! perplexity change, top-1 agreement with exact attention and keep fraction across tau
-//! at 2K-32K tokens (16K with YaRN x2, 32K with YaRN x4), and needle-in-a-haystack
+//! at 2K-32K tokens (16K with YaRN x2, 32K with YaRN x4, needles also at 64K with x8), and needle-in-a-haystack
 //! accuracy (single needle and RULER's multi-key variant) against length with Wilson
 //! 95 % intervals, for exact attention and TCA with its compacted cache and with full
 //! decoding, and the peer policies at TCA's tau = 0.9 budget (needles and perplexity
@@ -321,7 +321,7 @@ pub fn run(ctx: &Context) -> Result<Vec<PathBuf>> {
     ];
     let peer_ppl = peer_perplexity(ctx, dir, &mut files)?;
     let fig = Fig {
-        title: "Fig. 5 on SmolLM2-135M-Instruct, measured on the H200 (b 64, w 256, column criterion; 16K with YaRN x2, 32K with YaRN x4; tca quality-ppl / quality-niah --backend cuda)".into(),
+        title: "Fig. 5 on SmolLM2-135M-Instruct, measured on the H200 (b 64, w 256, column criterion; 16K with YaRN x2, 32K x4, 64K x8; tca quality-ppl / quality-niah --backend cuda)".into(),
         grid: (3, 3),
         panels: vec![
             Panel { title: "perplexity change vs exact".into(), x: "tau".into(), y: "%".into(), series: s_change, axes: Axes { legend: Some(SeriesLabelPosition::UpperRight), ..Axes::default() } },
