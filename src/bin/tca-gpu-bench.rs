@@ -363,15 +363,20 @@ fn check_case(
     // Decode of q_{L-1}: compacted cache vs oracle sparse row; dense vs exact row; with
     // each launch path (the default first), and a chain of back-to-back decodes that
     // share their partials (see decode_chain).
-    let last = |a: &ndarray::Array3<f64>, i: usize| -> Vec<f64> {
-        (0..hq)
-            .flat_map(|hh| (0..d).map(move |c| (hh, c)))
-            .map(|(hh, c)| a[[hh, i, c]])
-            .collect()
+    // [O, LSE] of the GPU's decode row against row i of a CPU result.
+    let row_cmp = |o: &[f32],
+                   lse: &[f32],
+                   cpu_o: &ndarray::Array3<f64>,
+                   cpu_lse: &ndarray::Array2<f64>,
+                   i: usize|
+     -> [Value; 2] {
+        let ro = (0..hq).flat_map(|hh| (0..d).map(move |c| cpu_o[[hh, i, c]]));
+        let rl = (0..hq).map(|hh| cpu_lse[[hh, i]]);
+        [
+            cmp(o.iter().map(|&x| x as f64), ro),
+            cmp(lse.iter().map(|&x| x as f64), rl),
+        ]
     };
-    let lastl =
-        |a: &ndarray::Array2<f64>, i: usize| -> Vec<f64> { (0..hq).map(|hh| a[[hh, i]]).collect() };
-    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let mut dec_json = vec![];
     let mut dec_by: Vec<(Launch, [Value; 4], [Value; 4])> = vec![];
     for mode in launch_modes(gpu) {
@@ -389,34 +394,13 @@ fn check_case(
         gpu.sync()?;
         let dno = gpu.download(&dn.o)?;
         let dnl = gpu.download(&dn.lse)?;
-        let one = [
-            cmp(
-                f64s(&dso).into_iter(),
-                last(&cpu_sparse.o, l - 1).into_iter(),
-            ),
-            cmp(
-                f64s(&dsl).into_iter(),
-                lastl(&cpu_sparse.lse, l - 1).into_iter(),
-            ),
-            cmp(f64s(&dno).into_iter(), last(&cpu_full.o, l - 1).into_iter()),
-            cmp(
-                f64s(&dnl).into_iter(),
-                lastl(&cpu_full.lse, l - 1).into_iter(),
-            ),
-        ];
+        let [so, sl] = row_cmp(&dso, &dsl, &cpu_sparse.o, &cpu_sparse.lse, l - 1);
+        let [no, nl] = row_cmp(&dno, &dnl, &cpu_full.o, &cpu_full.lse, l - 1);
+        let one = [so, sl, no, nl];
         let ((o1, l1), (o2, l2)) = decode_chain(gpu, &h, mode)?;
-        let chain = [
-            cmp(f64s(&o1).into_iter(), last(&cpu_full.o, l - 1).into_iter()),
-            cmp(
-                f64s(&l1).into_iter(),
-                lastl(&cpu_full.lse, l - 1).into_iter(),
-            ),
-            cmp(f64s(&o2).into_iter(), last(&cpu_full.o, l - 2).into_iter()),
-            cmp(
-                f64s(&l2).into_iter(),
-                lastl(&cpu_full.lse, l - 2).into_iter(),
-            ),
-        ];
+        let [c1o, c1l] = row_cmp(&o1, &l1, &cpu_full.o, &cpu_full.lse, l - 1);
+        let [c2o, c2l] = row_cmp(&o2, &l2, &cpu_full.o, &cpu_full.lse, l - 2);
+        let chain = [c1o, c1l, c2o, c2l];
         dec_json.push(json!({"launch": mode.name(),
             "sparse_o": one[0], "sparse_lse": one[1], "dense_o": one[2], "dense_lse": one[3],
             "chain": {"rounds": CHAIN_ROUNDS, "o_last": chain[0], "lse_last": chain[1], "o_second_last": chain[2], "lse_second_last": chain[3]}}));
