@@ -19,6 +19,7 @@
 #define NS 3  // pipeline stages (cp.async)
 
 #include "mma_common.cuh"
+#include "prefill_store.cuh"
 
 template <int D>
 __device__ __forceinline__ void prefill_body(const u16* __restrict__ Q, const u16* __restrict__ K,
@@ -242,27 +243,7 @@ __device__ __forceinline__ void prefill_body(const u16* __restrict__ Q, const u1
     }
     cp_async_wait0();
 
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const float LN2 = 0.69314718055994531f;
-    if (row0 < L) {
-        u16* op = O + ((size_t)h * L + row0) * D;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<u32*>(op + j * 8 + tig * 2) = pack_bf16(o[j][0] * inv0, o[j][1] * inv0);
-        if (tig == 0) LSE[(size_t)h * L + row0] = m0 * LN2 + logf(l0);
-    }
-    if (row1 < L) {
-        u16* op = O + ((size_t)h * L + row1) * D;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<u32*>(op + j * 8 + tig * 2) = pack_bf16(o[j][2] * inv1, o[j][3] * inv1);
-        if (tig == 0) LSE[(size_t)h * L + row1] = m1 * LN2 + logf(l1);
-    }
+    store_rows<D>(&o[0][0], l0, l1, m0, m1, row0, row1, tig, h, L, O, LSE);
 }
 
 #define PREFILL(D)                                                                               \

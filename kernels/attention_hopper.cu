@@ -30,6 +30,8 @@ typedef unsigned long long u64;
 #define BN 128
 #define POS_NONE 0x7fffffff
 
+#include "prefill_store.cuh"
+
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
@@ -106,12 +108,6 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-// Two f32 to bf16x2 (round to nearest even); `lo` lands in the low half.
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 
 // d[0..64) (+)= A B, m64n128k16, A and B from shared memory (K-major), scale_d 0 overwrites.
 __device__ __forceinline__ void wgmma_ss_n128(float* d, unsigned long long da, unsigned long long db, int scale_d) {
@@ -430,27 +426,7 @@ __device__ __forceinline__ void hopper_body(const u16* __restrict__ Q, const u16
 #undef ISSUE_S
 #undef ISSUE_PV
 
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const float LN2 = 0.69314718055994531f;
-    if (row0 < L) {
-        u16* op = O + ((size_t)h * L + row0) * D;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<u32*>(op + j * 8 + tig * 2) = pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-        if (tig == 0) LSE[(size_t)h * L + row0] = m0 * LN2 + logf(l0);
-    }
-    if (row1 < L) {
-        u16* op = O + ((size_t)h * L + row1) * D;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<u32*>(op + j * 8 + tig * 2) = pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-        if (tig == 0) LSE[(size_t)h * L + row1] = m1 * LN2 + logf(l1);
-    }
+    store_rows<D>(o, l0, l1, m0, m1, row0, row1, tig, h, L, O, LSE);
 }
 
 // NC consumer warpgroups, NS stages, producer / consumer register counts (the sum over

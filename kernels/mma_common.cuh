@@ -1,6 +1,6 @@
-// Helpers shared by the tensor-core attention kernels: cp.async, ldmatrix, mma.sync
-// m16n8k16 bf16 and bf16 packing, as inline PTX. The including file defines NS (the
-// cp.async pipeline depth) first. NVRTC searches no include path: the launcher
+// Helpers of the mma.sync attention kernel: cp.async, ldmatrix and mma.sync m16n8k16
+// bf16, as inline PTX (bf16 packing is in prefill_store.cuh). The including file defines
+// NS (the cp.async pipeline depth) first. NVRTC searches no include path: the launcher
 // (src/cuda/mod.rs, `expand_includes`) pastes this file in place of its #include line.
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -36,11 +36,4 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two f32 to bf16x2 (round to nearest even); `lo` lands in the low half.
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
 }

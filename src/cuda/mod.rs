@@ -90,6 +90,10 @@ const HEADERS: &[(&str, &str)] = &[
         include_str!("../../kernels/mma_common.cuh"),
     ),
     ("bf16_rows.cuh", include_str!("../../kernels/bf16_rows.cuh")),
+    (
+        "prefill_store.cuh",
+        include_str!("../../kernels/prefill_store.cuh"),
+    ),
 ];
 
 /// The kernel text with each `#include "NAME"` of [`HEADERS`] replaced by the header
