@@ -13,7 +13,7 @@ use tca::backend::symmetric_difference as sym_diff;
 use tca::cli::model::{perplexity, AttentionKind, CalibrationArgs, PerplexityArgs};
 use tca::cuda::model::gemm::GemmShape;
 use tca::cuda::model::weights::{f32_to_f16, host_layer, stack_f16};
-use tca::cuda::model::{keep_fraction, GpuAttn, GpuModel};
+use tca::cuda::model::{keep_fraction, ForwardStats, GpuAttn, GpuModel};
 use tca::model::sparse::{calibrate_model, SparsePolicy};
 use tca::model::{assets, Exact, Model};
 use tca::selection::key_set;
@@ -184,6 +184,30 @@ fn gpu_forward_matches_the_cpu_forward() {
     assert!(g.capture(tokens, &[m.llama.config.n_layers]).is_err());
 }
 
+/// Scores `tokens` with `pol` on the CPU and `attn` on the GPU (selection checked against
+/// the CPU's), asserts one keep record per layer and perplexities within 2 %, and returns
+/// the GPU's forward statistics.
+fn gpu_scores_like_the_cpu(
+    m: &Model,
+    g: &GpuModel,
+    tokens: &[u32],
+    pol: &SparsePolicy,
+    attn: GpuAttn,
+    what: &str,
+) -> ForwardStats {
+    let cpu = m.llama.score(tokens, pol, 0).unwrap();
+    let (gpu, stats) = g.score(tokens, attn, 0, true, None).unwrap();
+    assert_eq!(stats.keep.len(), m.llama.config.n_layers);
+    let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
+    assert!(
+        rel < 0.02,
+        "{what} perplexity cpu {} gpu {}",
+        cpu.perplexity(),
+        gpu.perplexity()
+    );
+    stats
+}
+
 #[test]
 fn gpu_tca_matches_the_cpu_tca() {
     let Some(m) = model() else { return };
@@ -191,20 +215,11 @@ fn gpu_tca_matches_the_cpu_tca() {
     let (all, cfg, prof) = small_tca(m, 0.95);
     let tokens = &all[..256];
     let pol = SparsePolicy::new(Policy::Tca, cfg.clone(), prof.clone()).unwrap();
-    let cpu = m.llama.score(tokens, &pol, 0).unwrap();
     let attn = GpuAttn::Tca {
         config: &cfg,
         profile: &prof,
     };
-    let (gpu, stats) = g.score(tokens, attn, 0, true, None).unwrap();
-    assert_eq!(stats.keep.len(), m.llama.config.n_layers);
-    let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
-    assert!(
-        rel < 0.02,
-        "tca perplexity cpu {} gpu {}",
-        cpu.perplexity(),
-        gpu.perplexity()
-    );
+    let stats = gpu_scores_like_the_cpu(m, &g, tokens, &pol, attn, "tca");
     let keep = stats.keep.iter().map(|k| k.keep_fraction).sum::<f64>() / stats.keep.len() as f64;
     assert!(keep < 1.0 && (keep - pol.mean_keep_fraction()).abs() < 0.05);
     let ms = g.time_prefill(tokens, attn, 2).unwrap();
@@ -226,21 +241,12 @@ fn gpu_peers_match_the_cpu_peers() {
         GpuPeer::from_policy(Policy::StreamingLlm).unwrap(),
     ] {
         let pol = SparsePolicy::new(peer.policy(), cfg.clone(), prof.clone()).unwrap();
-        let cpu = m.llama.score(tokens, &pol, 0).unwrap();
         let attn = GpuAttn::Peer {
             peer,
             config: &cfg,
             profile: &prof,
         };
-        let (gpu, stats) = g.score(tokens, attn, 0, true, None).unwrap();
-        assert_eq!(stats.keep.len(), m.llama.config.n_layers);
-        let rel = (gpu.perplexity() / cpu.perplexity() - 1.0).abs();
-        assert!(
-            rel < 0.02,
-            "{peer:?} perplexity cpu {} gpu {}",
-            cpu.perplexity(),
-            gpu.perplexity()
-        );
+        let stats = gpu_scores_like_the_cpu(m, &g, tokens, &pol, attn, &format!("{peer:?}"));
         let (mut diff, mut total) = (0, 0);
         for k in &stats.keep {
             diff += k.oracle_diff.as_ref().unwrap().iter().sum::<usize>();
