@@ -30,6 +30,14 @@ PROFILES=$P/tau0.5.json,$P/tau0.7.json,$P/tau0.8.json,$P/tau0.9.json,$P/tau0.95.
 W=/tmp/work/$PHASE
 rm -rf "$W"; mkdir -p "$W"
 DEPTHS=$(seq -s, 0 5 95)   # 20 depths
+# memcheck NAME N CMD...: CMD under compute-sanitizer memcheck (exit 9 on an error), the
+# last N non-empty lines of its output, then "memcheck NAME rc=...".
+memcheck() {
+  local name=$1 n=$2; shift 2
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 "$@" 2>&1 \
+    | grep -v "^\s*$" | tail -"$n"
+  echo "memcheck $name rc=$?"
+}
 t0=$(date +%s)
 {
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -57,26 +65,17 @@ checks)
     --profile "$P/tau0.9.json" --out "$W/smoke" --force | tail -4; echo "heads smoke rc=$?"
   if command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer memcheck: quality-heads --backend cuda (audit + compact decode), quality-niah (exact + tca, both decodes) =="
-    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
-      "$TCA" quality-heads --backend cuda --model "$GGUF" --tokens 700 --decode-tokens 8 \
-      --profile "$P/tau0.9.json" --out "$W/san" --force 2>&1 | grep -v "^\s*$" | tail -4
-    echo "memcheck quality-heads rc=$?"
-    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
-      "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 --depths 50 \
-      --attention exact,tca --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
-      --out "$W/san" --force 2>&1 | grep -v "^\s*$" | tail -4
-    echo "memcheck quality-niah rc=$?"
-    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
-      "$TCA" decode --backend cuda --input /tmp/cap2k.safetensors --layer 13 \
-      --config "$HERE/configs/model.toml" --profile "$P/tau0.9.json" --steps 150 2>&1 \
-      | grep -v "^\s*$" | tail -2
-    echo "memcheck decode --backend cuda rc=$?"
+    memcheck quality-heads 4 "$TCA" quality-heads --backend cuda --model "$GGUF" --tokens 700 \
+      --decode-tokens 8 --profile "$P/tau0.9.json" --out "$W/san" --force
+    memcheck quality-niah 4 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 \
+      --depths 50 --attention exact,tca --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
+      --out "$W/san" --force
+    memcheck "decode --backend cuda" 2 "$TCA" decode --backend cuda --input /tmp/cap2k.safetensors \
+      --layer 13 --config "$HERE/configs/model.toml" --profile "$P/tau0.9.json" --steps 150
     echo "== compute-sanitizer memcheck: quality-niah oracle_topk, streaming_llm (kernels/peers.cu) =="
-    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 10 \
-      "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 --depths 50 \
-      --attention oracle_topk,streaming_llm --taus 0.9 --answer-tokens 4 --profile "$P/tau0.9.json" \
-      --out "$W/san_rows" --force 2>&1 | grep -v "^\s*$" | tail -4
-    echo "memcheck quality-niah peers rc=$?"
+    memcheck "quality-niah peers" 4 "$TCA" quality-niah --backend cuda --model "$GGUF" --lengths 700 \
+      --depths 50 --attention oracle_topk,streaming_llm --taus 0.9 --answer-tokens 4 \
+      --profile "$P/tau0.9.json" --out "$W/san_rows" --force
   fi
   ;;
 niah)
