@@ -8,7 +8,9 @@ against keep x cuDNN (what cuDNN would take if its time scaled with the kept pai
 FlexAttention on the same S_G + window (its BlockMask build not timed) against TCA's
 attention kernel alone and against TCA's total; decode per token (sparse / dense, cache
 out of L2) and its share of the measured device copy bandwidth; where bench.csv has them,
-decode with and without programmatic dependent launch side by side."""
+decode with and without programmatic dependent launch side by side, and a line through
+each model's shortest and longest L (fixed us per token + bytes / marginal bandwidth).
+SDPA_CSV may be a path that does not exist (no baselines)."""
 import csv, sys
 
 bench = list(csv.DictReader(open(sys.argv[1])))
@@ -52,6 +54,24 @@ if bench and "decode_sparse_us_pdl" in bench[0]:
         gbs = float(r["kv_bytes_tca"]) / (sp * 1e3)
         p(f"| {r['model']} | {r['L']} | {sp:.1f}/{f('decode_dense_us_pdl'):.1f} | {pl:.1f}/{f('decode_dense_us_plain'):.1f} | "
           f"{pl / sp:.2f} | {gbs:.0f} ({100 * gbs / f('copy_GBps'):.0f}%) |")
+if bench and "decode_sparse_us_pdl" in bench[0]:
+    # Time per token = fixed + bytes / marginal bandwidth, through the shortest and longest
+    # L of each model (the default launch path's times and the bytes each path reads).
+    p("")
+    p("Decode fitted through the shortest and longest L: fixed us per token + bytes / marginal GB/s:")
+    p("| model | path | fixed us | marginal GB/s (% copy) |")
+    p("|---|---|---|---|")
+    for m in sorted({r["model"] for r in bench}):
+        rs = sorted((r for r in bench if r["model"] == m), key=lambda r: int(r["L"]))
+        if len(rs) < 2:
+            continue
+        a, z = rs[0], rs[-1]
+        for path, t, nb in [("sparse", "decode_sparse_us", "kv_bytes_tca"), ("dense", "decode_dense_us", "kv_bytes_full")]:
+            ta, tz = float(a[t]), float(z[t])
+            ba, bz = float(a[nb]) / 1e6, float(z[nb]) / 1e6
+            slope = (tz - ta) / (bz - ba)  # us per MB
+            gbs = 1e3 / slope
+            p(f"| {m} | {path} | {ta - ba * slope:.1f} | {gbs:.0f} ({100 * gbs / float(z['copy_GBps']):.0f}%) |")
 p("")
 p("Targets at the longest L per model (copy bandwidth = measured device-to-device copy, read + write; "
   "decode with the cache out of L2):")
