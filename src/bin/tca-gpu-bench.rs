@@ -1080,3 +1080,44 @@ fn run(args: &Args) -> anyhow_lite::Result<bool> {
     }
     Ok(all_pass)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{cmp, rel};
+
+    /// The pass criterion of every oracle comparison (`rel(..) <= 1e-2`) fails on a
+    /// planted 2 % error, on one NaN or infinity, and on outputs of the wrong row; it
+    /// passes on bf16-sized rounding.
+    #[test]
+    fn the_oracle_comparison_can_fail() {
+        let oracle: Vec<f64> = (0..256)
+            .map(|i| ((i * 37 % 101) as f64 - 50.0) / 7.0)
+            .collect();
+        let close = cmp(
+            oracle.iter().map(|x| x * (1.0 + 2e-3)),
+            oracle.iter().copied(),
+        );
+        assert!(rel(&close) <= 1e-2, "{close}");
+        let planted = cmp(
+            oracle
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i == 77 { x + 0.02 * 7.2 } else { *x }),
+            oracle.iter().copied(),
+        );
+        assert!(rel(&planted) > 1e-2, "{planted}");
+        for bad in [f64::NAN, f64::INFINITY] {
+            let v = cmp(
+                oracle
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| if i == 3 { bad } else { *x }),
+                oracle.iter().copied(),
+            );
+            assert_eq!(v["non_finite"], 1);
+            assert_eq!(rel(&v), f64::INFINITY);
+        }
+        let shifted = cmp(oracle.iter().skip(1).copied(), oracle.iter().copied());
+        assert!(rel(&shifted) > 1e-2, "{shifted}");
+    }
+}
